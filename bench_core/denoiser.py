@@ -1,0 +1,180 @@
+"""The one abstraction: a denoiser over noise level sigma (EDM / k-diffusion convention).
+
+Data ``x0``, noise level ``sigma``, noisy sample ``x = x0 + sigma * n``.  A denoiser returns an
+estimate of ``E[x0 | x]``.  Every paper's parametrisation is turned into a denoiser by an adapter
+here, so every sampler runs on every model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@runtime_checkable
+class Denoiser(Protocol):
+    sigma_min: float
+    sigma_max: float
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:  # estimate of E[x0 | x]
+        ...
+
+
+def expand_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+    """Sigma as a per-sample tensor of shape (B,), on x's device and dtype."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.ndim == 0:
+        sigma = sigma.expand(x.shape[0])
+    return sigma.reshape(x.shape[0])
+
+
+def bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (B,) tensor to broadcast against x."""
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------
+class DiscreteVPEpsDenoiser(nn.Module):
+    """Discrete-time VP epsilon-prediction model (DDPM, DDIM, ADM, LDM) as a denoiser.
+
+    The model sees ``x_vp = sqrt(abar_t) * x`` and ``t``; ``sigma_t = sqrt((1 - abar_t) / abar_t)``.
+    Sigmas between the training grid's map to a fractional ``t`` by interpolating in log-sigma
+    (the network's sinusoidal time embedding accepts real t).
+    """
+
+    def __init__(self, model: nn.Module, alphas_cumprod: Tensor):
+        super().__init__()
+        self.model = model
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        sigmas = ((1 - abar) / abar).sqrt()
+        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+        self.register_buffer("log_sigmas", sigmas.log().float(), persistent=False)
+        self.sigma_min = float(sigmas[0])
+        self.sigma_max = float(sigmas[-1])
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        log_sigma = sigma.float().log().clamp(self.log_sigmas[0], self.log_sigmas[-1])
+        hi = torch.searchsorted(self.log_sigmas, log_sigma).clamp(1, self.num_timesteps - 1)
+        lo = hi - 1
+        w = (log_sigma - self.log_sigmas[lo]) / (self.log_sigmas[hi] - self.log_sigmas[lo])
+        return lo.float() + w.clamp(0, 1)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return self.sigmas.to(t.device)[t.long()]
+
+    def eps(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = expand_sigma(sigma, x)
+        c_in = 1.0 / (1.0 + sigma**2).sqrt()
+        t = self.sigma_to_t(sigma)
+        return self.model(x * bcast(c_in, x), t, **cond)
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = expand_sigma(sigma, x)
+        return x - bcast(sigma, x) * self.eps(x, sigma, **cond)
+
+
+class NFECounter:
+    """Wraps a denoiser and counts network function evaluations (one call on a batch = 1 NFE).
+
+    Samplers never count; the harness reads ``count`` after a run.  Attribute access falls
+    through to the wrapped denoiser (sigma_min, sigma_max, ...).
+    """
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+        self.count = 0
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        self.count += 1
+        return self.denoiser(x, sigma, **cond)
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def __getattr__(self, name):
+        if name == "denoiser":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact denoisers (oracles)
+# --------------------------------------------------------------------------------------------
+class GaussianDenoiser:
+    """Exact E[x0 | x] for x0 ~ N(mu, s^2 I) (isotropic, per-dimension): a closed form oracle."""
+
+    def __init__(self, mu: Tensor | float = 0.0, std: float = 1.0, sigma_min=0.002, sigma_max=80.0):
+        self.mu = torch.as_tensor(mu, dtype=torch.float32)
+        self.std = float(std)
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        s2 = bcast(expand_sigma(sigma, x), x) ** 2
+        v = self.std**2
+        mu = self.mu.to(x)
+        return mu + v / (v + s2) * (x - mu)
+
+    def marginal_std(self, sigma: float) -> float:
+        return math.sqrt(self.std**2 + sigma**2)
+
+
+class GMMDenoiser:
+    """Exact E[x0 | x] for a mixture of isotropic Gaussians sum_k w_k N(mu_k, s_k^2 I) in R^d.
+
+    Also gives the exact score of the noised density, grad log p_sigma(x) = (D(x, sigma) - x) / sigma^2,
+    and the exact log-density of the noised data (used by likelihood tests).
+    """
+
+    def __init__(self, weights, means, stds, sigma_min=0.002, sigma_max=80.0):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = self.weights / self.weights.sum()
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, d)
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).reshape(-1)  # (K,)
+        if self.stds.numel() == 1:
+            self.stds = self.stds.expand(self.means.shape[0]).clone()
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _responsibilities(self, x: Tensor, sigma: Tensor):
+        xf = x.reshape(x.shape[0], -1).double()
+        s2 = expand_sigma(sigma, x).double()[:, None] ** 2  # (B,1)
+        var = self.stds[None, :] ** 2 + s2  # (B,K)
+        d2 = ((xf[:, None, :] - self.means[None]) ** 2).sum(-1)  # (B,K)
+        d = self.dim
+        logp = self.weights.log()[None] - 0.5 * d2 / var - 0.5 * d * (2 * math.pi * var).log()
+        return xf, var, logp
+
+    def log_prob(self, x: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
+        _, _, logp = self._responsibilities(x, torch.as_tensor(sigma))
+        return torch.logsumexp(logp, dim=1)
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        xf, var, logp = self._responsibilities(x, sigma)
+        r = torch.softmax(logp, dim=1)  # (B,K)
+        v0 = self.stds[None, :] ** 2
+        # per component posterior mean: mu_k + v0/(v0+s2) (x - mu_k)
+        post = self.means[None] + (v0 / var)[..., None] * (xf[:, None, :] - self.means[None])
+        out = (r[..., None] * post).sum(1)
+        return out.to(x.dtype).reshape(x.shape)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        k = torch.multinomial(self.weights.float(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + self.stds[k, None] * z).float()
+
+
+def score_from_denoiser(denoiser, x: Tensor, sigma: Tensor | float, **cond) -> Tensor:
+    """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (Tweedie)."""
+    s = bcast(expand_sigma(sigma, x), x)
+    return (denoiser(x, expand_sigma(sigma, x), **cond) - x) / s**2

@@ -1,0 +1,93 @@
+"""One module per paper.  A reproduction declares its models, training loss, samplers, claims,
+tables and plots; the harness in ``bench_core`` does the rest.
+
+Registry: ``REPRODUCTIONS[name]`` -> a ``Reproduction`` instance.  Importing this package
+registers every paper module listed in ``MODULES``.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+MODULES = ("ddpm", "ddim")
+
+REPRODUCTIONS: dict[str, "Reproduction"] = {}
+
+
+@dataclass
+class ClaimResult:
+    status: str  # "pass" | "fail" | "not run"
+    ours: str    # what our records show, as text
+
+
+@dataclass
+class Claim:
+    """A paper's claim and the check of it against our records (a pandas DataFrame of records)."""
+
+    id: str
+    text: str
+    reported: str                                  # the paper's number(s); "(≈)" marks unverified
+    check: Callable[[Any], ClaimResult]
+
+
+@dataclass
+class LoadedModel:
+    """What the harness needs from a reproduction to sample and measure."""
+
+    denoiser: Any                  # a Denoiser (bench_core.denoiser)
+    model_hash: str
+    dataset: str                   # name of the dataset the model was trained on (metrics reference)
+    sample_shape: tuple            # shape of one sample, e.g. (1, 8, 8) or (2,)
+    train_sec: float | None = None  # wall time of training, None when loaded from the cache
+    cond: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+class Reproduction:
+    name: str = ""
+    title: str = ""
+    paper_url: str = ""
+    models: dict[str, Any] = {}      # preset name -> typed config (dataclass)
+
+    def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
+        raise NotImplementedError
+
+    def model_fields(self, model: str) -> set[str]:
+        """Fields a suite may override for this model (validated before any work starts)."""
+        return set()
+
+    def claims(self) -> list[Claim]:
+        return []
+
+    def tables(self, df) -> dict[str, Any]:
+        """Paper tables regenerated from records: title -> pandas DataFrame (Markdown-able)."""
+        return {}
+
+    def plots(self, df, outdir) -> list:
+        """Paper-specific plots regenerated from records; returns the written paths."""
+        return []
+
+
+def register(rep: Reproduction) -> Reproduction:
+    REPRODUCTIONS[rep.name] = rep
+    return rep
+
+
+_loaded = False
+
+
+def load_all() -> dict[str, Reproduction]:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for m in MODULES:
+            importlib.import_module(f"reproductions.{m}")
+    return REPRODUCTIONS
+
+
+def get(name: str) -> Reproduction:
+    load_all()
+    if name not in REPRODUCTIONS:
+        raise KeyError(f"unknown reproduction {name!r}; known: {', '.join(sorted(REPRODUCTIONS))}")
+    return REPRODUCTIONS[name]
