@@ -53,14 +53,9 @@ def ddim_timesteps(T: int, steps: int, skip: str = "uniform") -> np.ndarray:
         c = T // steps
         ts = np.arange(0, T, c)[:steps]
     elif skip == "quadratic":
+        # the paper's code: int((linspace(0, sqrt(0.8 T), S))^2); repeated indices are kept, as
+        # there (a repeated index is a no-op step that still costs one NFE), so NFE = S.
         ts = (np.linspace(0, math.sqrt(T * 0.8), steps) ** 2).astype(int)
-        ts = np.unique(ts)
-        # keep exactly `steps` distinct indices even when the square root grid collides at small t
-        i = 0
-        while len(ts) < steps:
-            if i not in ts:
-                ts = np.sort(np.append(ts, i))
-            i += 1
     else:
         raise ValueError(f"unknown DDIM skip type {skip!r}; use 'uniform' or 'quadratic'")
     return ts.astype(np.int64)

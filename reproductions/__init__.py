@@ -53,9 +53,13 @@ class Reproduction:
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         raise NotImplementedError
 
-    def model_fields(self, model: str) -> set[str]:
-        """Fields a suite may override for this model (validated before any work starts)."""
-        return set()
+    def model_hash(self, model: str, overrides: dict) -> str:
+        """The checkpoint-cache key of a model preset with overrides (cheap: no training)."""
+        raise NotImplementedError
+
+    def override_errors(self, model: str, overrides: dict) -> list[str]:
+        """Every problem with a model name and its suite overrides (validated before any work starts)."""
+        return [] if model in self.models else [f"unknown model {model!r} for reproduction {self.name!r}"]
 
     def claims(self) -> list[Claim]:
         return []

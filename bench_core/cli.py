@@ -1,0 +1,203 @@
+"""diffbench command line: run | leaderboard | plots | report | list | validate."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_SUITE = "default"
+
+
+def _records_paths(args) -> list[Path]:
+    paths = [Path(p) for p in (args.records or ["results"])]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise SystemExit(f"error: no records at {', '.join(map(str, missing))}; run `diffbench run` first "
+                         f"or pass --records DIR_OR_FILE")
+    return paths
+
+
+def cmd_run(args) -> int:
+    from .suite import SuiteError, load_suite, run_suite
+
+    try:
+        suite = load_suite(args.suite)
+    except (SuiteError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path("runs") / suite.name)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --device cuda but no CUDA device is available; use --device cpu or auto", file=sys.stderr)
+            return 2
+    if args.inception_weights and not Path(args.inception_weights).exists():
+        print(f"error: Inception weights file {args.inception_weights} does not exist", file=sys.stderr)
+        return 2
+    print(f"suite {suite.name}: {len(suite.runs)} runs from {suite.source} -> {out}/records.jsonl")
+    summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
+                        progress=not args.no_progress, inception_weights=args.inception_weights)
+    print(f"done: {summary['ran']} ran ({summary['ok']} ok, {summary['diverged']} diverged, "
+          f"{summary['error']} error), {summary['skipped']} skipped; records: {summary['records']}")
+    if not args.no_report:
+        from .report.report import write_report
+
+        path = write_report(out, out)
+        print(f"report: {path}")
+        _print_leaderboard(out, None)
+    return 1 if summary["error"] and args.strict else 0
+
+
+def _print_leaderboard(records_path, nfe_max, csv=None, group_filter=None):
+    from .records import load_records
+    from .report.leaderboard import leaderboard, to_csv, to_markdown
+
+    df = leaderboard(load_records(records_path), nfe_max=nfe_max, group_filter=group_filter)
+    print(to_markdown(df))
+    if csv:
+        to_csv(df, csv)
+        print(f"wrote {csv}")
+
+
+def cmd_leaderboard(args) -> int:
+    from .records import load_records
+    from .report.leaderboard import leaderboard, to_csv, to_markdown
+
+    recs = load_records(*_records_paths(args))
+    df = leaderboard(recs, nfe_max=args.nfe_max, group_filter=args.filter)
+    print(to_markdown(df))
+    if args.csv:
+        to_csv(df, args.csv)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from .records import load_records
+    from .report.plots import make_plots
+
+    recs = load_records(*_records_paths(args))
+    paths = make_plots(recs, Path(args.out))
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report.report import update_readme, write_report
+
+    paths = _records_paths(args)
+    out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent)
+    path = write_report(paths[0], out)
+    print(f"report: {path}")
+    if args.readme:
+        changed = update_readme(Path(args.readme), paths[0])
+        print(f"README {'updated' if changed else 'has no diffbench markers; left untouched'}: {args.readme}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    import reproductions
+
+    from .samplers import SAMPLERS, load_all
+    from .suite import SUITES_DIR
+
+    load_all()
+    what = args.what
+    if what in ("samplers", "all"):
+        print("samplers:")
+        for name, s in sorted(SAMPLERS.items()):
+            opts = ", ".join(f"{k}={o.default!r}" for k, o in s.options.items())
+            print(f"  {name:<14} {s.description}" + (f"  [options: {opts}]" if opts else ""))
+    if what in ("reproductions", "all"):
+        print("reproductions:")
+        for name, r in sorted(reproductions.REPRODUCTIONS.items()):
+            print(f"  {name:<14} {r.title}  [models: {', '.join(r.models)}]")
+    if what in ("suites", "all"):
+        print(f"suites (in {SUITES_DIR}):")
+        for p in sorted(SUITES_DIR.glob("*.yaml")):
+            print(f"  {p.stem}")
+    if what in ("datasets", "all"):
+        from .data import DATASETS
+
+        print("datasets:")
+        for name in DATASETS:
+            print(f"  {name}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .suite import SuiteError, load_suite
+
+    try:
+        suite = load_suite(args.suite)
+    except (SuiteError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total = sum(r.steps for r in suite.runs)
+    print(f"suite {suite.name} is valid: {len(suite.runs)} runs, {total} sampler steps per sample in all")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffbench", description=__doc__.split("\n")[0] + "\n\n"
+                                "Reproduce diffusion-model papers on one harness: train, sample, measure FID, NFE, "
+                                "latency and memory, and regenerate tables, a sampler leaderboard, plots and a scorecard "
+                                "from records.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a benchmark suite and write records (default: the default suite)")
+    r.add_argument("--suite", default=DEFAULT_SUITE, help="suite name in benchmarks/suites/ or a path to a YAML file "
+                   "(default: %(default)s)")
+    r.add_argument("--out", default=None, help="output folder for records.jsonl and the report (default: runs/SUITE)")
+    r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample (default: auto)")
+    r.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
+    r.add_argument("--cache-dir", default=None, help="trained-model and reference-statistics cache "
+                   "(default: $DIFFBENCH_CACHE or .diffbench_cache/ in the repository)")
+    r.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file "
+                   "(pt_inception-2015-12-05); when given, FID uses inception-v3-compat")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-report", action="store_true", help="do not write the report and leaderboard at the end")
+    r.add_argument("--strict", action="store_true", help="exit with status 1 if any run recorded an error")
+    r.set_defaults(fn=cmd_run)
+
+    lb = sub.add_parser("leaderboard", help="rank comparable sampler configurations by FID")
+    lb.add_argument("--records", nargs="+", help="records file(s) or folder(s) (default: results/)")
+    lb.add_argument("--nfe-max", type=float, default=None, help="only configurations with NFE <= this budget")
+    lb.add_argument("--filter", default=None, help="only groups whose label contains this text")
+    lb.add_argument("--csv", default=None, help="also write the leaderboard as CSV to this file")
+    lb.set_defaults(fn=cmd_leaderboard)
+
+    pl = sub.add_parser("plots", help="regenerate every plot from records")
+    pl.add_argument("--records", nargs="+", help="records file(s) or folder(s) (default: results/)")
+    pl.add_argument("--out", default="plots", help="folder for the PNG files (default: %(default)s)")
+    pl.set_defaults(fn=cmd_plots)
+
+    rp = sub.add_parser("report", help="write one Markdown report: tables, leaderboard, plots, scorecard")
+    rp.add_argument("--records", nargs="+", help="records file or folder (default: results/)")
+    rp.add_argument("--out", default=None, help="folder for report.md and plots/ (default: the records folder)")
+    rp.add_argument("--readme", default=None, help="also refresh the generated sections of this README")
+    rp.set_defaults(fn=cmd_report)
+
+    ls = sub.add_parser("list", help="list samplers, reproductions, suites and datasets")
+    ls.add_argument("what", nargs="?", default="all", choices=("all", "samplers", "reproductions", "suites", "datasets"))
+    ls.set_defaults(fn=cmd_list)
+
+    va = sub.add_parser("validate", help="check a suite file without running it")
+    va.add_argument("suite", help="suite name or path")
+    va.set_defaults(fn=cmd_validate)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "cmd", None):
+        parser.print_help()
+        return 0
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

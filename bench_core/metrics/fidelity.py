@@ -1,0 +1,160 @@
+"""FID, KID and precision/recall of image samples against a reference set, via torch-fidelity.
+
+Features come from a registered torch-fidelity extractor (``extractors.get_extractor``); the
+metrics themselves are torch-fidelity's functions applied to those features:
+
+- FID: ``metric_fid.fid_features_to_statistics`` + ``fid_statistics_to_metric`` (Heusel et al. 2017),
+  features in float64.
+- KID: ``metric_kid.kid_features_to_metric`` (Binkowski et al. 2018): unbiased MMD^2 with the
+  cubic polynomial kernel, mean and std over ``kid_subsets`` random subsets.
+- Precision/recall: ``metric_prc.prc_features_to_metric`` (Kynkaanniemi et al. 2019), k-NN balls.
+
+Reference features are cached on disk (npz), keyed by the extractor identity (which includes the
+weights' checksum), the reference name, the reference count and a hash of the reference images.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch_fidelity import metric_fid, metric_kid, metric_prc
+
+from .extractors import Extractor
+
+KID_SUBSETS = 100
+KID_MAX_SUBSET_SIZE = 1000
+RNG_SEED = 2020  # torch-fidelity's default rng_seed for the KID subsets
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Model-space images in [-1, 1] -> uint8 in [0, 255]."""
+    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def compute_features(extractor: Extractor, images_u8: torch.Tensor) -> torch.Tensor:
+    """float32 features (N, D) of uint8 images (N, C, H, W); batched, inference mode."""
+    return extractor.features(images_u8)
+
+
+def _as_tensor64(f) -> torch.Tensor:
+    t = f if torch.is_tensor(f) else torch.from_numpy(np.asarray(f))
+    if t.dim() != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {tuple(t.shape)}")
+    return t.detach().cpu().to(torch.float64)
+
+
+def fid_from_features(f1, f2) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N1, D), (N2, D); torch-fidelity's formula."""
+    s1 = metric_fid.fid_features_to_statistics(_as_tensor64(f1))
+    s2 = metric_fid.fid_features_to_statistics(_as_tensor64(f2))
+    return float(metric_fid.fid_statistics_to_metric(s1, s2, False)[metric_fid.KEY_METRIC_FID])
+
+
+# --------------------------------------------------------------------------------------------
+# Reference-feature cache
+# --------------------------------------------------------------------------------------------
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
+
+
+def images_digest(images_u8: torch.Tensor) -> str:
+    """sha256 of the images' shape and bytes."""
+    x = images_u8.detach().cpu().contiguous()
+    h = hashlib.sha256(repr(tuple(x.shape)).encode())
+    h.update(x.numpy().tobytes())
+    return h.hexdigest()
+
+
+def reference_cache_path(cache_dir: str | os.PathLike, extractor: Extractor, reference_name: str,
+                         count: int, digest: str) -> Path:
+    """Cache file for reference features: one per (extractor identity, layer, name, count, content)."""
+    return Path(cache_dir) / (
+        f"ref-{_slug(reference_name)}-n{count}-{_slug(extractor.identity)}-{extractor.feature_layer}-{digest[:16]}.npz"
+    )
+
+
+def reference_features(reference_u8: torch.Tensor, *, extractor: Extractor, reference_name: str,
+                       cache_dir: str | os.PathLike | None) -> torch.Tensor:
+    """Features of the reference images, loaded from / stored to ``cache_dir`` when given."""
+    if cache_dir is None:
+        return compute_features(extractor, reference_u8)
+    count = int(reference_u8.shape[0])
+    digest = images_digest(reference_u8)
+    path = reference_cache_path(cache_dir, extractor, reference_name, count, digest)
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if (str(z["identity"]) == extractor.identity and str(z["reference_name"]) == reference_name
+                        and int(z["count"]) == count and str(z["digest"]) == digest
+                        and str(z["feature_layer"]) == extractor.feature_layer):
+                    return torch.from_numpy(z["features"].copy())
+        except (OSError, KeyError, ValueError):
+            pass  # unreadable or foreign file: recompute and overwrite
+    feats = compute_features(extractor, reference_u8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, features=feats.numpy(), identity=extractor.identity, reference_name=reference_name,
+                     count=count, digest=digest, feature_layer=extractor.feature_layer)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return feats
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics
+# --------------------------------------------------------------------------------------------
+
+def image_metrics(samples_u8: torch.Tensor, reference_u8: torch.Tensor, *, extractor: Extractor,
+                  reference_name: str, cache_dir: str | os.PathLike | None = None,
+                  kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS,
+                  prc_neighborhood: int = 3, seed: int = RNG_SEED) -> dict:
+    """FID, KID (mean, std) and precision/recall of ``samples_u8`` against ``reference_u8``.
+
+    Both are uint8 (N, C, H, W). KID uses subsets of ``kid_subset_size`` (default
+    ``min(1000, N_samples, N_reference)``) drawn with ``seed``. Returns ``fid, kid, kid_std,
+    precision, recall, fid_extractor`` (identity with checksum) and ``fid_reference``
+    (``"<reference_name>:<N_reference>"``).
+    """
+    n_s, n_r = int(samples_u8.shape[0]), int(reference_u8.shape[0])
+    n_min = min(n_s, n_r)
+    if n_min < 2:
+        raise ValueError(f"need at least 2 samples and 2 reference images, got {n_s} and {n_r}")
+    if kid_subset_size is None:
+        kid_subset_size = min(KID_MAX_SUBSET_SIZE, n_min)
+    if not 2 <= kid_subset_size <= n_min:
+        raise ValueError(f"kid_subset_size must be in [2, min(N samples, N reference) = {n_min}], got {kid_subset_size}")
+    if not 1 <= prc_neighborhood < n_min:
+        raise ValueError(f"prc_neighborhood must be in [1, {n_min - 1}] for {n_s} samples and {n_r} references")
+
+    f_ref = reference_features(reference_u8, extractor=extractor, reference_name=reference_name, cache_dir=cache_dir)
+    f_gen = compute_features(extractor, samples_u8)
+    f_gen64, f_ref64 = _as_tensor64(f_gen), _as_tensor64(f_ref)
+
+    fid = fid_from_features(f_gen64, f_ref64)
+    kid = metric_kid.kid_features_to_metric(
+        f_gen64, f_ref64, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, rng_seed=seed, verbose=False
+    )
+    # torch-fidelity's convention: features_1 generated, features_2 real.
+    prc = metric_prc.prc_features_to_metric(
+        f_gen64, f_ref64, prc_neighborhood=prc_neighborhood, save_cpu_ram=n_s * n_r > 50_000_000, verbose=False
+    )
+    return {
+        "fid": fid,
+        "kid": kid[metric_kid.KEY_METRIC_KID_MEAN],
+        "kid_std": kid[metric_kid.KEY_METRIC_KID_STD],
+        "precision": float(prc[metric_prc.KEY_METRIC_PRECISION]),
+        "recall": float(prc[metric_prc.KEY_METRIC_RECALL]),
+        "fid_extractor": extractor.identity,
+        "fid_reference": f"{reference_name}:{n_r}",
+    }

@@ -1,0 +1,388 @@
+"""Generic training loop and the checkpoint cache.
+
+The loss comes from the reproduction: ``loss_fn(model, x_batch, y_batch, generator) -> scalar``.
+The loop owns everything else (Ho et al. 2020, App. B defaults): Adam, linear learning-rate
+warm-up, gradient-norm clipping, an exponential moving average (EMA) of the weights, seeded batch
+sampling and a progress bar.
+
+Checkpoints are cached by a hash of the configs that produced them (:func:`config_hash`), so a
+second run with the same configs loads instead of training.  A cached file is a dict
+``{"format": "diffbench-ckpt-1", "hash", "state_dict", "meta"}`` written atomically and read with
+``torch.load(weights_only=True)`` (no code runs from a checkpoint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+CKPT_FORMAT = "diffbench-ckpt-1"
+
+
+# --------------------------------------------------------------------------------------------
+# Config and its hash
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Optimisation settings; defaults are DDPM's CIFAR-10 run (Ho et al. 2020, Sec. 4 and App. B)."""
+
+    lr: float = 2e-4             # Adam learning rate
+    batch_size: int = 128
+    steps: int = 800_000         # CIFAR-10: 800k steps
+    warmup: int = 5000           # linear lr warm-up steps
+    grad_clip: float = 1.0       # max global gradient norm (0 = off)
+    ema_decay: float = 0.9999    # EMA of the weights (0 = no EMA)
+    seed: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+
+    def to_dict(self) -> dict:
+        return _canonical(self)
+
+
+def _canonical(obj: Any) -> Any:
+    """JSON-able canonical form: dataclasses via asdict, tuples to lists, numpy/torch scalars to numbers."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (bool, int, float, str)) or obj is None:
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
+        return obj.item()
+    raise TypeError(f"config_hash: cannot hash a {type(obj).__name__} ({obj!r}); use plain values")
+
+
+def canonical_json(*objs: Any) -> str:
+    """Canonical JSON of the given dataclasses/dicts: sorted keys, no whitespace."""
+    return json.dumps([_canonical(o) for o in objs], sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
+def config_hash(*objs: Any) -> str:
+    """sha256 of the canonical JSON of the given dataclasses/dicts, first 16 hex digits."""
+    return hashlib.sha256(canonical_json(*objs).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# EMA
+# --------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of a module's parameters and floating-point buffers.
+
+    ``shadow <- decay * shadow + (1 - decay) * param`` on each :meth:`update`; non-float buffers
+    (counters) are copied.  The shadow starts as a copy of the module.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = float(decay)
+        self.shadow: dict[str, Tensor] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if s.is_floating_point():
+                s.lerp_(v.detach().to(s.dtype), 1.0 - self.decay)
+            else:
+                s.copy_(v)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into ``model``."""
+        model.load_state_dict(self.shadow, strict=True)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": {k: v.clone() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = float(state["decay"])
+        for k, v in state["shadow"].items():
+            self.shadow[k].copy_(v)
+
+
+# --------------------------------------------------------------------------------------------
+# Training loop
+# --------------------------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; ``step`` and ``loss`` say where (records: status "diverged")."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: loss = {loss}")
+        self.step, self.loss = step, loss
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (DDPM)."""
+    if cfg.warmup <= 0:
+        return cfg.lr
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+
+
+class _BatchIndices:
+    """Epochs of seeded permutations, cut into batches (wrapping across epochs)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator):
+        self.n, self.bs, self.g = n, batch_size, generator
+        self.buf = torch.empty(0, dtype=torch.long)
+
+    def next(self) -> Tensor:
+        while self.buf.numel() < self.bs:
+            self.buf = torch.cat([self.buf, torch.randperm(self.n, generator=self.g)])
+        idx, self.buf = self.buf[: self.bs], self.buf[self.bs:]
+        return idx
+
+
+def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels: Tensor | None = None,
+          progress: bool = True, desc: str = "train", device: str | torch.device = "cpu",
+          log_every: int = 25) -> dict:
+    """Train ``model`` in place; at the end the **EMA weights are copied into the model** (the
+    model is returned in eval mode holding the averaged weights, as DDPM evaluates them; with
+    ``ema_decay=0`` it holds the raw weights).
+
+    ``data``: a tensor ``(N, ...)`` or a ``bench_core.data.Dataset`` (its labels are used unless
+    ``labels`` is given).  ``loss_fn(model, x_batch, y_batch, generator)`` returns a scalar;
+    ``y_batch`` is None without labels; ``generator`` is a seeded **CPU** ``torch.Generator`` for
+    the loss's own noise (draw on CPU, then move: the same numbers on every device).
+
+    Deterministic given ``cfg.seed``: batches come from their own generator, and the global RNG
+    (dropout) is seeded inside a ``torch.random.fork_rng`` so the caller's RNG state is untouched.
+
+    Returns json-able stats: ``train_sec``, ``final_loss`` (mean of the last 100 losses),
+    ``steps``, ``loss_curve`` (up to 100 ``[step, mean loss]`` points), ``params``.
+    Raises :class:`TrainingDiverged` on a non-finite loss.
+    """
+    from tqdm.auto import tqdm
+
+    if hasattr(data, "x") and isinstance(getattr(data, "x"), Tensor):
+        labels = labels if labels is not None else getattr(data, "labels", None)
+        data = data.x
+    if labels is not None and labels.shape[0] != data.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for {data.shape[0]} samples")
+    device = torch.device(device)
+    model.to(device).train()
+    n = data.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                           weight_decay=cfg.weight_decay)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    batch_gen = torch.Generator().manual_seed(cfg.seed)
+    loss_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    batches = _BatchIndices(n, cfg.batch_size, batch_gen)
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+
+    losses_tail: list[float] = []                  # last 100 losses
+    bin_size = max(1, math.ceil(cfg.steps / 100))  # loss curve: at most 100 bins
+    curve: list[list[float]] = []
+    bin_sum, bin_count = 0.0, 0
+    pending: list[Tensor] = []                     # losses not yet read back (one sync per log_every)
+
+    def flush(step: int) -> None:
+        nonlocal bin_sum, bin_count
+        if not pending:
+            return
+        vals = torch.stack(pending).tolist()
+        first = step - len(vals) + 1
+        pending.clear()
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                raise TrainingDiverged(first + i, v)
+            bin_sum += v
+            bin_count += 1
+            if (first + i + 1) % bin_size == 0 or first + i + 1 == cfg.steps:
+                curve.append([first + i + 1, bin_sum / bin_count])
+                bin_sum, bin_count = 0.0, 0
+        losses_tail.extend(vals)
+        del losses_tail[:-100]
+
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(cfg.seed)
+        bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+        for step in bar:
+            idx = batches.next()
+            x = data[idx].to(device, non_blocking=True)
+            y = labels[idx].to(device, non_blocking=True) if labels is not None else None
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            loss = loss_fn(model, x, y, loss_gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip and cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if ema is not None:
+                ema.update(model)
+            pending.append(loss.detach().float())
+            if len(pending) >= log_every or step == cfg.steps - 1:
+                flush(step)
+                if losses_tail:
+                    bar.set_postfix(loss=f"{losses_tail[-1]:.4f}", refresh=False)
+        bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_sec = time.perf_counter() - t0
+
+    if ema is not None:
+        ema.copy_to(model)
+    model.eval()
+    return {
+        "train_sec": train_sec,
+        "final_loss": sum(losses_tail) / len(losses_tail) if losses_tail else float("nan"),
+        "steps": int(cfg.steps),
+        "loss_curve": curve,
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint cache
+# --------------------------------------------------------------------------------------------
+class CheckpointError(RuntimeError):
+    """A cached checkpoint cannot be used; the message names the file and what to do."""
+
+
+def default_cache_dir() -> Path:
+    """``$DIFFBENCH_CACHE`` or ``<repo>/.diffbench_cache`` (repo = the folder above bench_core)."""
+    env = os.environ.get("DIFFBENCH_CACHE")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / ".diffbench_cache"
+
+
+class CheckpointCache:
+    """Trained weights keyed by config hash: ``<dir>/<hash>.pt``."""
+
+    def __init__(self, dir: str | os.PathLike | None = None):
+        self.dir = Path(dir).expanduser() if dir is not None else default_cache_dir()
+
+    def path(self, hash: str) -> Path:
+        if not hash or any(c in hash for c in "/\\") or hash.startswith("."):
+            raise ValueError(f"not a checkpoint hash: {hash!r}")
+        return self.dir / f"{hash}.pt"
+
+    def exists(self, hash: str) -> bool:
+        return self.path(hash).is_file()
+
+    def save(self, hash: str, model: nn.Module, meta: dict | None = None) -> Path:
+        """Write atomically: a temporary file in the same folder, fsync'd, then ``os.replace``."""
+        try:  # stored as its JSON round trip: plain types only, loadable with weights_only=True
+            meta = json.loads(json.dumps(dict(meta or {}), allow_nan=True, default=_json_scalar))
+        except TypeError as e:
+            raise TypeError(f"checkpoint meta must be json-able: {e}") from e
+        state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        obj = {"format": CKPT_FORMAT, "hash": hash, "state_dict": state, "meta": meta,
+               "torch": str(torch.__version__), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        path = self.path(hash)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    def load(self, hash: str, model: nn.Module) -> dict | None:
+        """Load the cached weights into ``model`` and return the meta; None when not cached.
+
+        Raises :class:`CheckpointError` for a corrupted file (unreadable) or a mismatched one
+        (wrong format, another hash, missing/unexpected keys, shape mismatch); the model is left
+        untouched in that case.
+        """
+        path = self.path(hash)
+        if not path.is_file():
+            return None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, garbage bytes, foreign pickle, ...
+            raise CheckpointError(f"checkpoint {path} is corrupted and cannot be read ({_load_failure(path, e)}); "
+                                  f"delete it to retrain: rm '{path}'") from e
+        fix = f"delete it to retrain: rm '{path}'"
+        if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+            fmt = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"checkpoint {path} is not a {CKPT_FORMAT} file (format: {fmt!r}); {fix}")
+        if obj.get("hash") != hash:
+            raise CheckpointError(f"checkpoint {path} holds hash {obj.get('hash')!r}, expected {hash!r}; {fix}")
+        state = obj.get("state_dict")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"checkpoint {path} has no state_dict; {fix}")
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        problems = []
+        if missing:
+            problems.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys {_few(unexpected)}")
+        shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if shapes:
+            problems.append(f"shape mismatch {_few(shapes)}")
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not match the model ({'; '.join(problems)}); "
+                                  f"the model code changed without changing its config hash? {fix}")
+        model.load_state_dict(state, strict=True)
+        meta = obj.get("meta")
+        return dict(meta) if isinstance(meta, dict) else {}
+
+    def load_or_train(self, hash: str, model: nn.Module, train_fn: Callable[[nn.Module], dict | None]
+                      ) -> tuple[dict, bool]:
+        """Cached weights if present, else ``meta = train_fn(model)`` (trains in place) and save.
+
+        Returns ``(meta, trained_now)``.
+        """
+        meta = self.load(hash, model)
+        if meta is not None:
+            return meta, False
+        meta = train_fn(model) or {}
+        self.save(hash, model, meta)
+        return dict(meta), True
+
+
+def _json_scalar(o):
+    if hasattr(o, "item") and callable(o.item) and getattr(o, "ndim", 0) == 0:  # numpy / torch scalars
+        return o.item()
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+
+def _load_failure(path: Path, e: BaseException) -> str:
+    """Why torch.load failed, in a few words (torch's own advice to retry without weights_only is
+    not repeated: a cache file never needs it)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as oe:
+        return f"unreadable: {oe}"
+    if size == 0:
+        return "empty file"
+    if head != b"PK\x03\x04":
+        return f"not a torch zip archive: garbage or truncated, {size} bytes"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    unsafe = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), None)
+    if unsafe:
+        return "holds objects other than tensors and plain data: " + unsafe[:200]
+    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
+
+
+def _few(items: list[str], k: int = 5) -> str:
+    return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
