@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from . import records as rec
+from .data import to_uint8
 from .records import Record, RecordStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -285,10 +286,6 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
-def _to_images_u8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 class _Metrics:
     """Reference data and feature extractors, loaded once per dataset."""
 
@@ -298,15 +295,16 @@ class _Metrics:
         self._data: dict[str, Any] = {}
         self._extractors: dict[str, Any] = {}
 
-    def data(self, name: str):
-        if name not in self._data:
+    def data(self, name: str, opts: dict | None = None):
+        key = json.dumps([name, opts or {}], sort_keys=True)
+        if key not in self._data:
             from .data import load_dataset
 
-            self._data[name] = load_dataset(name)
-        return self._data[name]
+            self._data[key] = load_dataset(name, **(opts or {}))
+        return self._data[key]
 
-    def measure(self, dataset: str, samples: torch.Tensor) -> dict:
-        ds = self.data(dataset)
+    def measure(self, dataset: str, samples: torch.Tensor, opts: dict | None = None) -> dict:
+        ds = self.data(dataset, opts)
         if ds.kind == "points":
             from .metrics.twod import points_metrics
 
@@ -317,21 +315,22 @@ class _Metrics:
         if dataset not in self._extractors:
             self._extractors[dataset] = get_extractor(dataset, self.inception_weights)
         ref = ds.reference_uint8()
-        m = image_metrics(_to_images_u8(samples), ref, extractor=self._extractors[dataset],
-                          reference_name=f"{dataset}:{len(ref)}", cache_dir=self.cache_dir / "ref_stats")
+        tag = "".join(f",{k}={v}" for k, v in sorted((opts or {}).items()))
+        m = image_metrics(to_uint8(samples), ref, extractor=self._extractors[dataset],
+                          reference_name=f"{dataset}{tag}", cache_dir=self.cache_dir / "ref_stats")
         return m
 
 
 def _preview(samples: torch.Tensor, kind: str) -> dict:
     if kind == "points":
         return rec.encode_preview(samples[:PREVIEW_POINTS].reshape(-1, samples.shape[-1]).numpy(), "float16")
-    return rec.encode_preview(_to_images_u8(samples[:PREVIEW_IMAGES]).numpy(), "uint8")
+    return rec.encode_preview(to_uint8(samples[:PREVIEW_IMAGES]).numpy(), "uint8")
 
 
 def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None) -> Record:
     """Sample one run with the counted denoiser, time it, measure its memory and metrics."""
     from .denoiser import NFECounter
-    from .measure import PeakMemory, device_name, synchronize
+    from .measure import PeakMemory, Stopwatch, device_name, synchronize
     from .samplers import get_sampler
     from .schedules import make_grid
     from .seeding import SampleNoise, sample_seed
@@ -358,12 +357,9 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         peak = None
         for b, bs in enumerate(batches):
             ctx = PeakMemory(device) if b == 0 else contextlib.nullcontext()
-            with ctx as pm:
-                synchronize(device)
-                t0 = time.perf_counter()
+            with ctx as pm, Stopwatch(device) as sw:
                 out = draw(bs)
-                synchronize(device)
-                dt = time.perf_counter() - t0
+            dt = sw.elapsed
             if b == 0:
                 peak = pm
             calls += 1
@@ -373,14 +369,12 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
             if on_batch:
                 on_batch(run.steps * len(bs))
         for _ in range(run.timing_repeats):  # extra timed repeats of the first batch
-            synchronize(device)
-            t0 = time.perf_counter()
-            draw(batches[0])
-            synchronize(device)
-            times.append(time.perf_counter() - t0)
+            with Stopwatch(device) as sw:
+                draw(batches[0])
+            times.append(sw.elapsed)
             calls += 1
     samples = torch.cat(outs)
-    sec = float(torch.tensor(times).median()) if len(times) % 2 else float(torch.tensor(times).quantile(0.5))
+    sec = float(torch.tensor(times, dtype=torch.float64).quantile(0.5))  # the median of the timed batches
     r = Record(
         suite=run.suite, entry=run.entry, reproduction=run.reproduction, model=run.model,
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
@@ -392,13 +386,13 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         train_sec=lm.train_sec, device=device.type, device_name=device_name(device),
         git_sha=rec.git_sha(), versions=rec.versions(), timestamp=rec.now(),
     )
-    ds_kind = metrics.data(lm.dataset).kind
+    ds_kind = metrics.data(lm.dataset, lm.dataset_opts).kind
     r.preview = _preview(samples, ds_kind) if torch.isfinite(samples[:PREVIEW_POINTS]).all() else None
     if not torch.isfinite(samples).all():
         r.status = "diverged"
         r.error = f"{int((~torch.isfinite(samples)).sum())} non-finite values in the samples"
         return r
-    m = metrics.measure(lm.dataset, samples)
+    m = metrics.measure(lm.dataset, samples, lm.dataset_opts)
     for k, v in m.items():
         if k == "metrics":
             r.metrics.update(v)

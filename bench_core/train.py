@@ -165,7 +165,8 @@ def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels
 
     Returns json-able stats: ``train_sec``, ``final_loss`` (mean of the last 100 losses),
     ``steps``, ``loss_curve`` (up to 100 ``[step, mean loss]`` points), ``params``.
-    Raises :class:`TrainingDiverged` on a non-finite loss.
+    Raises :class:`TrainingDiverged` on a non-finite loss.  On CUDA losses are read back every
+    ``log_every`` steps (one synchronisation each), on CPU every step.
     """
     from tqdm.auto import tqdm
 
@@ -211,6 +212,7 @@ def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels
         losses_tail.extend(vals)
         del losses_tail[:-100]
 
+    every = max(1, log_every) if device.type == "cuda" else 1  # reading a loss back costs a sync on GPU only
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(cfg.seed)
@@ -230,7 +232,7 @@ def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels
             if ema is not None:
                 ema.update(model)
             pending.append(loss.detach().float())
-            if len(pending) >= log_every or step == cfg.steps - 1:
+            if len(pending) >= every or step == cfg.steps - 1:
                 flush(step)
                 if losses_tail:
                     bar.set_postfix(loss=f"{losses_tail[-1]:.4f}", refresh=False)
@@ -378,10 +380,12 @@ def _load_failure(path: Path, e: BaseException) -> str:
     if head != b"PK\x03\x04":
         return f"not a torch zip archive: garbage or truncated, {size} bytes"
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if "central directory" in str(e) or "zip archive" in str(e):
+        return f"truncated or damaged torch zip archive, {size} bytes"
     unsafe = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), None)
     if unsafe:
         return "holds objects other than tensors and plain data: " + unsafe[:200]
-    return f"{type(e).__name__}: {lines[0][:160] if lines else ''}"
+    return f"{type(e).__name__}: {lines[0].split('. ')[0][:160] if lines else ''}"
 
 
 def _few(items: list[str], k: int = 5) -> str:

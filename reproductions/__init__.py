@@ -40,6 +40,7 @@ class LoadedModel:
     dataset: str                   # name of the dataset the model was trained on (metrics reference)
     sample_shape: tuple            # shape of one sample, e.g. (1, 8, 8) or (2,)
     train_sec: float | None = None  # wall time of training, None when loaded from the cache
+    dataset_opts: dict = field(default_factory=dict)  # options of the dataset (e.g. resolution)
     cond: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 

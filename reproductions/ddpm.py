@@ -156,7 +156,7 @@ class DDPM(Reproduction):
         den = DiscreteVPEpsDenoiser(net, abar).to(device)
         shape = (cfg.unet.in_channels, cfg.unet.resolution, cfg.unet.resolution)
         return LoadedModel(den, h, cfg.dataset, shape, train_sec=meta.get("train_sec") if trained_now else None,
-                           extra={"train_sec_cached": meta.get("train_sec")})
+                           dataset_opts=dict(cfg.dataset_opts), extra={"train_sec_cached": meta.get("train_sec")})
 
     # ---------------------------------------------------------------------------------------
     def claims(self) -> list[Claim]:

@@ -203,13 +203,13 @@ def test_markdown_and_csv(tmp_path):
     lb = leaderboard(synthetic_records())
     md = to_markdown(lb)
     assert md.count("### ") == 4
-    assert "### toy/cpu · digits8 · digits_cnn@0123456789ab · n=1000 · Test CPU" in md
+    assert "### model cpu (toy) · digits8 · digits_cnn@0123456789ab · n=1000 · Test CPU" in md
     assert "n=500" in md and "inception-v3-compat" in md
     rows = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in md.splitlines() if ln.startswith("| ")]
     ddpm = [r for r in rows if "ddpm uniform" in r]
-    assert len(ddpm) == 1 and ddpm[0][:5] == ["1", "ddpm uniform", "100", "100", "11.00"]
-    seeds = [r for r in rows if r[1:3] == ["ddim(eta=0.0) uniform", "20"]]
-    assert len(seeds) == 1 and seeds[0][4:7] == ["21.00", "1.41", "2"]   # fid, its std, seeds
+    assert len(ddpm) == 1 and ddpm[0][:6] == ["1", "toy", "ddpm uniform", "100", "100", "11.00"]
+    seeds = [r for r in rows if r[2:4] == ["ddim(eta=0.0) uniform", "20"]]
+    assert len(seeds) == 1 and seeds[0][5:8] == ["21.00", "1.41", "2"]   # fid, its std, seeds
     # every table row has the same number of cells as its header
     for block in md.split("###")[1:]:
         rows = [ln for ln in block.splitlines() if ln.startswith("|")]

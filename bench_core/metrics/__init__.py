@@ -10,8 +10,8 @@ import importlib
 _EXPORTS = {
     "extractors": (
         "Extractor", "ExtractorWeightsError", "DigitsCNN", "DigitsCNNFeatureExtractor", "classify",
-        "digits_extractor", "digits_to_uint8", "get_extractor", "inception_extractor", "load_digits_cnn",
-        "load_digits_uint8", "sha256_file", "DIGITS_WEIGHTS", "INCEPTION_ENV",
+        "digits_extractor", "get_extractor", "inception_extractor", "load_digits_cnn",
+        "load_digits_uint8", "prepare_images", "sha256_file", "DIGITS_WEIGHTS", "INCEPTION_ENV",
     ),
     "fidelity": (
         "compute_features", "fid_from_features", "image_metrics", "reference_features", "to_uint8",

@@ -5,7 +5,8 @@ weights file's sha256), so that an FID is only ever compared with FIDs from the 
 
 - ``diffbench-digits-cnn``: a small CNN classifier for scikit-learn's 8x8 digits, trained by
   ``scripts/train_digits_extractor.py``; its weights are committed and checksummed.
-  Features: ``'64'`` (penultimate layer, used for FID/KID/PRC) and ``'logits'``.
+  Features: ``'64'`` (penultimate layer, used for FID/KID/PRC) and ``'logits'``. Digits stored at
+  another resolution or with 3 channels are brought back to 1 x 8 x 8 first (``Extractor.prepare``).
 - torch-fidelity's ``inception-v3-compat`` (2048-d pool features) from a weights file the user
   supplies (offline: nothing is downloaded).
 
@@ -20,7 +21,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,18 +60,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 # Data convention shared by the training script and the tests
 # --------------------------------------------------------------------------------------------
 
-def digits_to_uint8(values: np.ndarray) -> torch.Tensor:
-    """scikit-learn digits pixels (0..16, shape (N, 64)) -> uint8 (N, 1, 8, 8), value*255/16 rounded."""
-    v = np.asarray(values, dtype=np.float64).reshape(-1, 1, 8, 8)
-    return torch.from_numpy(np.clip(np.round(v * 255.0 / 16.0), 0, 255).astype(np.uint8))
-
-
 def load_digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
-    """All 1797 scikit-learn digits as uint8 images (N, 1, 8, 8) and int64 labels (N,)."""
-    from sklearn.datasets import load_digits
+    """All 1797 scikit-learn digits as uint8 images (N, 1, 8, 8) (pixel v -> round(v * 255 / 16)) and labels."""
+    from bench_core.data import load_digits
 
-    d = load_digits()
-    return digits_to_uint8(d.data), torch.from_numpy(d.target.astype(np.int64))
+    ds = load_digits()
+    return ds.reference_uint8(), ds.labels.to(torch.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +98,11 @@ class DigitsCNN(nn.Module):
     @staticmethod
     def preprocess(images_u8: torch.Tensor) -> torch.Tensor:
         return images_u8.to(torch.float32) / 255.0
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else "")[:limit]
 
 
 def _retrain_hint() -> str:
@@ -141,7 +140,8 @@ def load_digits_cnn(weights_path: str | os.PathLike | None = None) -> tuple[Digi
         model.load_state_dict(state, strict=True)
     except Exception as e:  # noqa: BLE001 - any load failure means the same thing to the user
         raise ExtractorWeightsError(
-            f"Digits feature-extractor weights {path} could not be loaded ({type(e).__name__}: {e}). {_retrain_hint()}"
+            f"Digits feature-extractor weights {path} could not be loaded ({type(e).__name__}: {_first_line(e)}). "
+            f"{_retrain_hint()}"
         ) from e
     model.requires_grad_(False)
     model.eval()
@@ -185,15 +185,32 @@ if DIGITS_NAME not in FEATURE_EXTRACTORS_REGISTRY:
     torch_fidelity.register_feature_extractor(DIGITS_NAME, DigitsCNNFeatureExtractor)
 
 
+def prepare_images(images_u8: torch.Tensor, channels: int, resolution: int | None) -> torch.Tensor:
+    """uint8 images (N, C, H, W) to ``channels`` and ``resolution`` x ``resolution``.
+
+    Channels: 1 -> 3 by repetition, 3 -> 1 by luma; size: bilinear resizing (antialiased when
+    shrinking) and re-quantising to uint8; both by ``bench_core.data``'s image helpers.
+    """
+    from bench_core.data import convert_channels, resize_uint8
+
+    if not torch.is_tensor(images_u8) or images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+        raise ValueError("images must be a uint8 tensor (N, C, H, W) in [0, 255]; use to_uint8() on model output")
+    if images_u8.shape[1] not in (1, 3):
+        raise ValueError(f"expected 1- or 3-channel images, got {images_u8.shape[1]} channels")
+    return resize_uint8(convert_channels(images_u8, channels), resolution)
+
+
 _CLASSIFIER: dict[tuple[str, str], DigitsCNN] = {}
 
 
 @torch.inference_mode()
 def classify(images_u8: torch.Tensor, weights_path: str | os.PathLike | None = None,
              batch_size: int = 1024) -> torch.Tensor:
-    """Digits-CNN logits (N, 10) for uint8 images (N, 1, 8, 8); e.g. class accuracy of guided samples."""
-    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4 or tuple(images_u8.shape[1:]) != (1, 8, 8):
-        raise ValueError(f"classify expects uint8 images (N, 1, 8, 8), got {images_u8.dtype} {tuple(images_u8.shape)}")
+    """Digits-CNN logits (N, 10) for uint8 digit images; e.g. class accuracy of guided samples.
+
+    Images other than (N, 1, 8, 8) are converted first (``prepare_images``).
+    """
+    images_u8 = prepare_images(images_u8, 1, 8)
     path = Path(weights_path) if weights_path is not None else DIGITS_WEIGHTS
     key = (str(path.resolve()), sha256_file(path) if path.is_file() else "")
     if key not in _CLASSIFIER:
@@ -219,7 +236,7 @@ class Extractor:
     module: torch_fidelity.FeatureExtractorBase = field(repr=False)
     feature_layer: str
     in_channels: int
-    image_size: tuple[int, int] | None = None  # required (H, W), None = any (resized inside)
+    resolution: int | None = None  # square size the network takes; None = any (it resizes itself)
     device: torch.device = torch.device("cpu")
     batch_size: int = 256
 
@@ -227,19 +244,13 @@ class Extractor:
     def sha256(self) -> str:
         return self.identity.rsplit("@", 1)[1]
 
+    def prepare(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """Bring uint8 images (N, C, H, W) to what the network takes (see ``prepare_images``)."""
+        return prepare_images(images_u8, self.in_channels, self.resolution)
+
     def features(self, images_u8: torch.Tensor) -> torch.Tensor:
         """float32 features (N, D) on the CPU for uint8 images (N, C, H, W)."""
-        if not torch.is_tensor(images_u8) or images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
-            raise ValueError("images must be a uint8 tensor (N, C, H, W) in [0, 255]; use to_uint8() on model output")
-        x = images_u8
-        c = x.shape[1]
-        if c != self.in_channels:
-            if c == 1 and self.in_channels == 3:
-                x = x.expand(-1, 3, -1, -1)  # grayscale -> RGB
-            else:
-                raise ValueError(f"{self.identity} expects {self.in_channels}-channel images, got {c} channels")
-        if self.image_size is not None and tuple(x.shape[2:]) != tuple(self.image_size):
-            raise ValueError(f"{self.identity} expects images of size {self.image_size}, got {tuple(x.shape[2:])}")
+        x = self.prepare(images_u8)
         out = []
         with torch.inference_mode():
             for b in x.split(self.batch_size):
@@ -268,7 +279,7 @@ def digits_extractor(weights_path: str | os.PathLike | None = None, *, device="c
         module=module,
         feature_layer=layer,
         in_channels=1,
-        image_size=(8, 8),
+        resolution=8,
         device=torch.device(device),
         batch_size=batch_size,
     )
@@ -293,7 +304,7 @@ def inception_extractor(weights_path: str | os.PathLike, *, device="cpu", batch_
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ExtractorWeightsError(
-            f"{path} is not a plain PyTorch state dict ({type(e).__name__}: {e}). {_inception_hint()}"
+            f"{path} is not a plain PyTorch state dict ({type(e).__name__}: {_first_line(e)}). {_inception_hint()}"
         ) from e
     if not isinstance(state, dict):
         raise ExtractorWeightsError(f"{path} does not hold a state dict. {_inception_hint()}")
@@ -303,7 +314,8 @@ def inception_extractor(weights_path: str | os.PathLike, *, device="cpu", batch_
         module = _fidelity_module(INCEPTION_NAME, layer, str(path), device)
     except Exception as e:  # noqa: BLE001
         raise ExtractorWeightsError(
-            f"{path} does not fit torch-fidelity's InceptionV3 ({type(e).__name__}: {e}). {_inception_hint()}"
+            f"{path} does not fit torch-fidelity's InceptionV3 ({type(e).__name__}: {_first_line(e)}). "
+            f"{_inception_hint()}"
         ) from e
     if not sha.startswith(INCEPTION_SHA256_PREFIX):
         warnings.warn(
@@ -317,7 +329,7 @@ def inception_extractor(weights_path: str | os.PathLike, *, device="cpu", batch_
         module=module,
         feature_layer=layer,
         in_channels=3,
-        image_size=None,
+        resolution=None,
         device=torch.device(device),
         batch_size=batch_size,
     )

@@ -4,7 +4,8 @@ Features come from a registered torch-fidelity extractor (``extractors.get_extra
 metrics themselves are torch-fidelity's functions applied to those features:
 
 - FID: ``metric_fid.fid_features_to_statistics`` + ``fid_statistics_to_metric`` (Heusel et al. 2017),
-  features in float64.
+  features in float64. For wide features (Inception's 2048) the trace term uses symmetric
+  eigenproblems instead of torch-fidelity's general eigendecomposition (same value, ~20x faster).
 - KID: ``metric_kid.kid_features_to_metric`` (Binkowski et al. 2018): unbiased MMD^2 with the
   cubic polynomial kernel, mean and std over ``kid_subsets`` random subsets.
 - Precision/recall: ``metric_prc.prc_features_to_metric`` (Kynkaanniemi et al. 2019), k-NN balls.
@@ -24,16 +25,14 @@ import numpy as np
 import torch
 from torch_fidelity import metric_fid, metric_kid, metric_prc
 
+from bench_core.data import to_uint8  # noqa: F401  - re-exported: model space [-1, 1] -> uint8
+
 from .extractors import Extractor
 
 KID_SUBSETS = 100
 KID_MAX_SUBSET_SIZE = 1000
 RNG_SEED = 2020  # torch-fidelity's default rng_seed for the KID subsets
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Model-space images in [-1, 1] -> uint8 in [0, 255]."""
-    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+FID_TORCH_FIDELITY_MAX_DIM = 512  # above this, the symmetric trace term (see fid_from_features)
 
 
 def compute_features(extractor: Extractor, images_u8: torch.Tensor) -> torch.Tensor:
@@ -48,11 +47,52 @@ def _as_tensor64(f) -> torch.Tensor:
     return t.detach().cpu().to(torch.float64)
 
 
-def fid_from_features(f1, f2) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N1, D), (N2, D); torch-fidelity's formula."""
-    s1 = metric_fid.fid_features_to_statistics(_as_tensor64(f1))
-    s2 = metric_fid.fid_features_to_statistics(_as_tensor64(f2))
-    return float(metric_fid.fid_statistics_to_metric(s1, s2, False)[metric_fid.KEY_METRIC_FID])
+def _trace_sqrt_product_symmetric(f1: torch.Tensor, f2: torch.Tensor, sigma1: np.ndarray,
+                                  sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) from symmetric eigenproblems only.
+
+    With S1 = L1 L1^T, the eigenvalues of S1 S2 equal those of the symmetric PSD L1^T S2 L1. L1 is
+    the centred features / sqrt(N1 - 1) (N1 x D -> rank <= N1, cheap) when N1 <= D, else
+    V diag(sqrt(lambda)) from eigh(S1). Same number as torch-fidelity's general eigvals(S1 S2).
+    """
+    if len(f2) < len(f1):  # tr sqrt(S1 S2) = tr sqrt(S2 S1): factor the smaller set
+        f1, f2, sigma1, sigma2 = f2, f1, sigma2, sigma1
+    n1, d = f1.shape
+    if n1 <= d:
+        a1 = f1.numpy()
+        l1 = (a1 - a1.mean(0)).T / np.sqrt(n1 - 1)
+    else:
+        lam, v = np.linalg.eigh(sigma1)
+        l1 = v * np.sqrt(np.clip(lam, 0.0, None))
+    m = l1.T @ sigma2 @ l1
+    ev = np.linalg.eigvalsh(0.5 * (m + m.T))
+    return float(np.sum(np.sqrt(np.clip(ev, 0.0, None))))
+
+
+def fid_from_features(f1, f2, method: str = "auto") -> float:
+    """Frechet distance (Heusel et al. 2017) between Gaussians fitted to feature sets (N1, D), (N2, D).
+
+    Statistics come from torch-fidelity (``fid_features_to_statistics``, float64). The trace term
+    tr((S1 S2)^(1/2)): ``"torch-fidelity"`` uses its ``fid_statistics_to_metric`` (a general
+    eigendecomposition of S1 S2: ~20 s on 2 CPU cores at D=2048); ``"symmetric"`` uses
+    symmetric eigenproblems (same value, a second or less). ``"auto"``: torch-fidelity up to D=512.
+    """
+    t1, t2 = _as_tensor64(f1), _as_tensor64(f2)
+    if t1.shape[1] != t2.shape[1]:
+        raise ValueError(f"feature dimensions differ: {t1.shape[1]} vs {t2.shape[1]}")
+    if min(len(t1), len(t2)) < 2:
+        raise ValueError("FID needs at least 2 feature vectors on each side")
+    if method == "auto":
+        method = "torch-fidelity" if t1.shape[1] <= FID_TORCH_FIDELITY_MAX_DIM else "symmetric"
+    s1 = metric_fid.fid_features_to_statistics(t1)
+    s2 = metric_fid.fid_features_to_statistics(t2)
+    if method == "torch-fidelity":
+        return float(metric_fid.fid_statistics_to_metric(s1, s2, False)[metric_fid.KEY_METRIC_FID])
+    if method != "symmetric":
+        raise ValueError(f"unknown FID method {method!r}")
+    diff = s1["mu"] - s2["mu"]
+    tr_covmean = _trace_sqrt_product_symmetric(t1, t2, s1["sigma"], s2["sigma"])
+    return float(diff @ diff + np.trace(s1["sigma"]) + np.trace(s2["sigma"]) - 2.0 * tr_covmean)
 
 
 # --------------------------------------------------------------------------------------------

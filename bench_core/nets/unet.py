@@ -99,10 +99,11 @@ DDPM_CIFAR10 = UNetConfig(
     attn_resolutions=(16,), dropout=0.1,
 )
 
-# Small CPU model for scikit-learn's 8x8 digits (no paper number; ~0.32M parameters).  Chosen for
-# speed: a no-grad forward of a batch of 500 takes ~30 ms on 2 CPU cores (see benchmarks/).
+# Small CPU model for scikit-learn's 8x8 digits (no paper number): 176,849 parameters, ~4.1 GFLOP
+# per batch of 500.  Sized for the default suite's ~4000 denoiser calls on batches of 500 on 2 CPU
+# cores; ch=24/32 cost 2.5-3.5x the time (see the README's benchmark notes).
 DIGITS_SMALL = UNetConfig(
-    in_channels=1, resolution=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+    in_channels=1, resolution=8, ch=16, ch_mult=(1, 2), num_res_blocks=1,
     attn_resolutions=(4,), dropout=0.1, num_heads=1, norm_groups=8,
 )
 

@@ -20,8 +20,10 @@ import pandas as pd
 
 from bench_core.records import sampler_label
 
-# What makes two FIDs comparable (reproduction and model are included so that records with an
-# empty model_hash can never be pooled across models).
+# What makes two FIDs comparable: the same trained model (its config hash), data, extractor, reference
+# and sample count.  Samplers from different papers on one model rank together (that is the point of
+# the leaderboard); the reproduction joins the key only when a record has no model hash, so such
+# records are never pooled across models.
 GROUP_FIELDS = ("reproduction", "model", "model_hash", "dataset", "fid_extractor", "fid_reference", "num_samples")
 
 COLUMNS = [
@@ -59,8 +61,9 @@ def finite(x: Any) -> float | None:
 
 def group_key(r: Mapping) -> tuple:
     """The comparable-group key of a record (all strings / ints, sortable)."""
+    mhash = str(r.get("model_hash") or "")
     return (
-        str(r.get("reproduction") or ""), str(r.get("model") or ""), str(r.get("model_hash") or ""),
+        "" if mhash else str(r.get("reproduction") or ""), str(r.get("model") or ""), mhash,
         str(r.get("dataset") or ""), str(r.get("fid_extractor") or ""), str(r.get("fid_reference") or ""),
         int(r.get("num_samples") or 0),
     )
@@ -140,7 +143,9 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
             label, steps, device_name, device, dtype = cfg
             recs = [by_seed[s] for s in sorted(by_seed)]
             row = {
-                "group": group_label(key), "rank": 0, "reproduction": rep, "model": model, "sampler": label,
+                "group": group_label(key), "rank": 0,
+                "reproduction": ", ".join(sorted({str(x.get("reproduction") or "") for x in recs} - {""})) or rep,
+                "model": model, "sampler": label,
                 "steps": steps, "n_seeds": len(recs), "device_name": device_name or device,
                 "model_hash": mhash, "dataset": dataset, "fid_extractor": extractor, "fid_reference": reference,
                 "num_samples": n, "device": device, "dtype": dtype,
@@ -290,6 +295,7 @@ def markdown_table(df: pd.DataFrame, formatters: Mapping[str, Callable[[Any], st
 LEADERBOARD_DISPLAY = {
     # column -> (header, formatter)
     "rank": ("rank", lambda v: str(int(v))),
+    "reproduction": ("paper", str),
     "sampler": ("sampler", str),
     "steps": ("steps", lambda v: str(int(v))),
     "nfe": ("NFE", fmt_nfe),
@@ -308,7 +314,8 @@ LEADERBOARD_DISPLAY = {
 
 def _group_heading(g: pd.DataFrame) -> tuple[str, str]:
     first = g.iloc[0]
-    name = f"{first['reproduction']}/{first['model']}" if first["reproduction"] else str(first["model"])
+    reps = sorted({str(x) for x in g["reproduction"] if x})
+    name = f"model {first['model']}" + (f" ({', '.join(reps)})" if reps else "")
     devices = sorted({d for d in g["device_name"] if d})
     title = " · ".join([name, first["dataset"] or "?", first["fid_extractor"] or "no extractor",
                         f"n={int(first['num_samples'])}", ", ".join(devices) or "unknown device"])
