@@ -134,7 +134,11 @@ class DDPM(Reproduction):
         return override_errors(self.models[model], overrides or {})
 
     def model_hash(self, model: str, overrides: dict) -> str:
-        return config_hash({"family": "ddpm-eps"}, self.model_config(model, overrides))
+        """Hash of what determines the trained weights (the U-Net's architecture, not its kernels' choice)."""
+        cfg = self.model_config(model, overrides)
+        d = asdict(cfg)
+        d["unet"] = cfg.unet.arch_dict()
+        return config_hash({"family": "ddpm-eps"}, d)
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset

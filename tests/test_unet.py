@@ -171,6 +171,23 @@ def test_group_count_divides_channels():
             assert m.num_channels % m.num_groups == 0
 
 
+def test_every_parameter_gets_a_gradient():
+    cfg = CONFIGS["adm_options"]
+    model = build(cfg).train()
+    x = torch.randn(2, cfg.in_channels, cfg.resolution, cfg.resolution)
+    model(x, torch.tensor([1.0, 500.0]), torch.tensor([0, 3])).square().mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert model.label_emb.weight.grad[[0, 3]].abs().sum() > 0
+
+
+def test_float64_forward():
+    model = build(TINY).double().eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 8, 8, dtype=torch.float64), torch.tensor([3.0, 4.5]))
+    assert out.dtype == torch.float64
+
+
 def test_config_round_trip():
     cfg = DDPM_CIFAR10.replace(num_classes=10)
     d = cfg.to_dict()
