@@ -17,13 +17,22 @@ def _records_paths(args) -> list[Path]:
     return paths
 
 
-def cmd_run(args) -> int:
-    from .suite import SuiteError, load_suite, run_suite
+def _load_suite(name):
+    """The validated suite, or None after printing every problem to stderr."""
+    from .suite import SuiteError, load_suite
 
     try:
-        suite = load_suite(args.suite)
+        return load_suite(name)
     except (SuiteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args) -> int:
+    from .suite import run_suite
+
+    suite = _load_suite(args.suite)
+    if suite is None:
         return 2
     out = Path(args.out or Path("runs") / suite.name)
     if args.device == "cuda":
@@ -128,12 +137,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .suite import SuiteError, load_suite
-
-    try:
-        suite = load_suite(args.suite)
-    except (SuiteError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    suite = _load_suite(args.suite)
+    if suite is None:
         return 2
     total = sum(r.steps for r in suite.runs)
     print(f"suite {suite.name} is valid: {len(suite.runs)} runs, {total} sampler steps per sample in all")

