@@ -29,7 +29,7 @@ def _load_suite(name):
 
 
 def cmd_run(args) -> int:
-    from .suite import run_suite
+    from .suite import PreflightError, run_suite
 
     suite = _load_suite(args.suite)
     if suite is None:
@@ -45,8 +45,12 @@ def cmd_run(args) -> int:
         print(f"error: Inception weights file {args.inception_weights} does not exist", file=sys.stderr)
         return 2
     print(f"suite {suite.name}: {len(suite.runs)} runs from {suite.source} -> {out}/records.jsonl")
-    summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
-                        progress=not args.no_progress, inception_weights=args.inception_weights)
+    try:
+        summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
+                            progress=not args.no_progress, inception_weights=args.inception_weights)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"done: {summary['ran']} ran ({summary['ok']} ok, {summary['diverged']} diverged, "
           f"{summary['error']} error), {summary['skipped']} skipped; records: {summary['records']}")
     if not args.no_report:

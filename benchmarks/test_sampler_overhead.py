@@ -22,7 +22,9 @@ from bench_core.seeding import SampleNoise
 SUITE = Path(__file__).parent / "suites" / "default.yaml"
 BATCH = yaml.safe_load(SUITE.read_text())["defaults"]["batch_size"]
 STEPS = 50
+ROUNDS = 7
 DEVICE = torch.device("cpu")
+torch.set_flush_denormal(True)  # as the suite runner does
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +52,47 @@ def test_denoiser_call(benchmark, denoiser):
 @pytest.mark.parametrize("name,opts", [("ddim", {"eta": 0.0}), ("ddim", {"eta": 1.0}),
                                        ("ddpm", {"variance": "beta"}), ("euler", {})])
 def test_sampler_overhead(benchmark, denoiser, call_time, name, opts):
+    """Overhead = sampler wall time / wall time of the same NFE denoiser calls on the same inputs.
+
+    The denoiser inputs of one sampler run are recorded, then rounds alternate between the sampler
+    and the bare calls, so machine noise hits both alike.
+    """
     spec = get_sampler(name)
     sig = discrete_grid(alphas_cumprod(linear_betas(1000)), STEPS, "uniform")
-    counter = NFECounter(denoiser)
+    inputs = []
 
-    def run():
+    def recording(x, s, **cond):
+        inputs.append((x.clone(), s.clone()))
+        return denoiser(x, s)
+
+    def run(den=denoiser):
         noise = SampleNoise(range(BATCH))
         with torch.no_grad():
-            spec.fn(counter, noise.randn((1, 8, 8)) * sig[0], sig, generator=noise, **opts)
+            spec.fn(den, noise.randn((1, 8, 8)) * sig[0], sig, generator=noise, **opts)
 
-    counter.reset()
-    run()
+    run(recording)
+    counter = NFECounter(denoiser)
+    run(counter)
     nfe = counter.count
-    benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    ratio = benchmark.stats.stats.median / (nfe * call_time)
-    benchmark.extra_info.update({"nfe": nfe, "denoiser_call_s": call_time, "overhead_ratio": ratio, "batch": BATCH})
-    print(f"\n{name}{opts}: {benchmark.stats.stats.median:.3f}s for {nfe} NFE at batch {BATCH}; "
-          f"one call {call_time * 1e3:.2f} ms; overhead ratio {ratio:.3f}")
+    assert nfe == len(inputs) == STEPS
+
+    def bare_calls():
+        with torch.no_grad():
+            for x, s in inputs:
+                denoiser(x, s)
+
+    ratios, ts, tc = [], [], []
+    for _ in range(ROUNDS):
+        ts.append(time_fn(run, warmup=0, repeats=1, device=DEVICE)["median"])
+        tc.append(time_fn(bare_calls, warmup=0, repeats=1, device=DEVICE)["median"])
+        ratios.append(ts[-1] / tc[-1])
+    # machine noise only ever adds time, so the ratio of the fastest rounds is the overhead estimate;
+    # the median of the per-round ratios is kept beside it
+    ratio = min(ts) / min(tc)
+    median_ratio = sorted(ratios)[len(ratios) // 2]
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    benchmark.extra_info.update({"nfe": nfe, "denoiser_call_s": call_time, "overhead_ratio": ratio,
+                                 "overhead_ratio_median": median_ratio, "overhead_ratios": ratios, "batch": BATCH})
+    print(f"\n{name}{opts}: {benchmark.stats.stats.median:.3f}s for {nfe} NFE at batch {BATCH}; one call "
+          f"{call_time * 1e3:.2f} ms; overhead ratio (fastest of {ROUNDS} interleaved rounds) {ratio:.3f}, "
+          f"median of per-round ratios {median_ratio:.3f}")

@@ -62,6 +62,11 @@ class Reproduction:
         """Every problem with a model name and its suite overrides (validated before any work starts)."""
         return [] if model in self.models else [f"unknown model {model!r} for reproduction {self.name!r}"]
 
+    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
+        """Problems to report before any work starts: missing dataset files, a cached checkpoint
+        that is corrupted or does not match.  The harness calls it for every model a suite uses."""
+        return []
+
     def claims(self) -> list[Claim]:
         return []
 

@@ -82,6 +82,9 @@ class DDIM(Reproduction):
     def override_errors(self, model, overrides):
         return DDPM_REPRO.override_errors(model, overrides)
 
+    def preflight(self, model, overrides, *, cache_dir):
+        return DDPM_REPRO.preflight(model, overrides, cache_dir=cache_dir)
+
     def load_model(self, model, overrides, *, device, cache_dir, progress=True):
         return DDPM_REPRO.load_model(model, overrides, device=device, cache_dir=cache_dir, progress=progress)
 

@@ -141,6 +141,24 @@ class DDPM(Reproduction):
         d["unet"] = cfg.unet.arch_dict()
         return config_hash({"family": "ddpm-eps"}, d)
 
+    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
+        from bench_core.data import DatasetError, load_dataset
+        from bench_core.train import CheckpointError
+
+        cfg = self.model_config(model, overrides)
+        problems = []
+        try:
+            load_dataset(cfg.dataset, **cfg.dataset_opts)  # needed for training and for the metrics' reference
+        except (FileNotFoundError, DatasetError) as e:
+            problems.append(f"{self.name}/{model}: {e}")
+        cache, h = CheckpointCache(cache_dir), self.model_hash(model, overrides)
+        try:
+            if cache.path(h).is_file():
+                cache.load(h, UNet(cfg.unet))
+        except CheckpointError as e:
+            problems.append(f"{self.name}/{model}: {e}")
+        return problems
+
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset
 

@@ -174,3 +174,35 @@ def test_smoke_suite_end_to_end(tmp_path):
     assert main(["run", "--suite", "smoke", "--out", str(out2), "--cache-dir", str(tmp_path / "cache"),
                  "--no-progress", "--no-report"]) == 0
     assert all(not r["train_sec"] for r in load_records(out2))
+
+
+def test_corrupted_checkpoint_and_missing_dataset_stop_before_any_work(tmp_path, capsys, monkeypatch):
+    import reproductions
+    from bench_core.train import CheckpointCache
+
+    suite = _tiny_suite(tmp_path)
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    # a first run writes records and a checkpoint
+    assert main(["run", "--suite", str(suite), "--out", str(out), "--cache-dir", str(cache),
+                 "--no-progress", "--no-report"]) == 0
+    before = (out / "records.jsonl").read_bytes()
+    h = load_suite(str(suite)).runs[0].model_hash
+    ckpt = CheckpointCache(cache / "checkpoints").path(h)
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # truncated
+    assert main(["run", "--suite", str(suite), "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "corrupted" in err and str(ckpt) in err and "nothing was run" in err
+    assert (out / "records.jsonl").read_bytes() == before  # results already written are kept as they were
+    assert not list(out.glob("records-*.old"))
+
+    # a model whose dataset files are missing: a clear error naming them, before any work
+    monkeypatch.setenv("DIFFBENCH_DATA", str(tmp_path / "no-data"))
+    data = {"name": "c", "entries": [{"name": "c", "reproduction": "ddpm", "model": "cifar10", "sampler": "ddim",
+                                      "steps": 10}]}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    assert main(["run", "--suite", str(p), "--out", str(tmp_path / "out2"), "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "data_batch_1" in err
+    assert not (tmp_path / "out2").exists()
