@@ -409,6 +409,9 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         r.status = "diverged"
         r.error = f"{int((~torch.isfinite(samples)).sum())} non-finite values in the samples"
         return r
+    r.metrics.update(lm.model_metrics)
+    if lm.sample_metrics is not None:
+        r.metrics.update(lm.sample_metrics(samples))
     m = metrics.measure(lm.dataset, samples, lm.dataset_opts)
     for k, v in m.items():
         if k == "metrics":

@@ -7,10 +7,13 @@ registers every paper module listed in ``MODULES``.
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
-MODULES = ("ddpm", "ddim")
+# every module of this package is a paper; they register themselves on import
+MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")))
 
 REPRODUCTIONS: dict[str, "Reproduction"] = {}
 
@@ -42,6 +45,10 @@ class LoadedModel:
     train_sec: float | None = None  # wall time of training, None when loaded from the cache
     dataset_opts: dict = field(default_factory=dict)  # options of the dataset (e.g. resolution)
     cond: dict = field(default_factory=dict)
+    # metrics of the model itself (e.g. a variational bound or bits/dim), copied into every record's `metrics`
+    model_metrics: dict = field(default_factory=dict)
+    # paper-specific metrics of the samples: fn(samples: Tensor on CPU) -> dict, merged into `metrics`
+    sample_metrics: Callable[[Any], dict] | None = None
     extra: dict = field(default_factory=dict)
 
 
