@@ -178,3 +178,96 @@ def score_from_denoiser(denoiser, x: Tensor, sigma: Tensor | float, **cond) -> T
     """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (Tweedie)."""
     s = bcast(expand_sigma(sigma, x), x)
     return (denoiser(x, expand_sigma(sigma, x), **cond) - x) / s**2
+
+
+# --------------------------------------------------------------------------------------------
+# EDM preconditioning (Karras et al. 2022) and the consistency parametrisation (Song et al. 2023)
+# --------------------------------------------------------------------------------------------
+class EDMPrecond(nn.Module):
+    """EDM preconditioning, Karras et al. 2022, Eq. 7 and Table 1: D(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+
+    c_skip = sd^2 / (sigma^2 + sd^2), c_out = sigma sd / sqrt(sigma^2 + sd^2), c_in = 1 / sqrt(sigma^2 + sd^2),
+    c_noise = ln(sigma) / 4, sd = sigma_data = 0.5.  The network's time input is ``t_scale * c_noise``:
+    our U-Net embeds a real t sinusoidally with periods up to 10^4 (made for DDPM's t in [0, 1000]),
+    so ``t_scale=250`` maps sigma in [0.002, 80] to t in about [-388, 274], a range like DDPM's.
+    """
+
+    def __init__(self, model: nn.Module, sigma_data: float = 0.5, sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, t_scale: float = 250.0):
+        super().__init__()
+        self.model = model
+        self.sigma_data = float(sigma_data)
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+        self.t_scale = float(t_scale)
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise) of Karras et al. 2022, Table 1 (EDM column)."""
+        sd = self.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1.0 / (sigma**2 + sd**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = expand_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
+        F_x = self.model(x * bcast(c_in, x), self.t_scale * c_noise, **cond)
+        return bcast(c_skip, x) * x + bcast(c_out, x) * F_x.to(x.dtype)
+
+
+class ConsistencyPrecond(EDMPrecond):
+    """Consistency function f(x, sigma) = c_skip x + c_out F(c_in x, c_noise), Song et al. 2023, Eq. 5 and App. C.
+
+    c_skip = sd^2 / ((sigma - eps)^2 + sd^2), c_out = sd (sigma - eps) / sqrt(sd^2 + sigma^2), so that the
+    boundary condition f(x, eps) = x holds exactly (c_skip(eps) = 1, c_out(eps) = 0); c_in and c_noise as
+    in EDM.  sigma is clamped to [eps, inf).  A consistency model is a denoiser: f estimates x0.
+    """
+
+    def __init__(self, model: nn.Module, sigma_data: float = 0.5, eps: float = 0.002, sigma_max: float = 80.0,
+                 t_scale: float = 250.0):
+        super().__init__(model, sigma_data, eps, sigma_max, t_scale)
+        self.eps = float(eps)
+
+    def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(c_skip, c_out, c_in, c_noise) of Song et al. 2023, App. C."""
+        sd, eps = self.sigma_data, self.eps
+        c_skip = sd**2 / ((sigma - eps) ** 2 + sd**2)
+        c_out = sd * (sigma - eps) / (sd**2 + sigma**2).sqrt()
+        c_in = 1.0 / (sigma**2 + sd**2).sqrt()
+        c_noise = sigma.log() / 4
+        return c_skip, c_out, c_in, c_noise
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = expand_sigma(sigma, x).clamp(min=self.eps)
+        return super().forward(x, sigma, **cond)
+
+
+class SDEEpsDenoiser(nn.Module):
+    """A continuous-time Score SDE model (VE, VP or sub-VP; Song et al. 2021) as a denoiser.
+
+    The SDE's perturbation kernel is x_sde = alpha(t) x0 + std(t) n; in the denoiser's coordinates
+    x = x_sde / alpha(t) it is x0 + sigma(t) n with sigma(t) = std(t) / alpha(t) (VP:
+    sqrt((1 - abar) / abar) with abar = exp(-int beta); VE: alpha = 1).  The network F(x_sde, c_t t)
+    predicts the noise n, i.e. the score is s = -F / std (the lambda(t) = std^2 weighting of Eq. 7
+    makes the loss ||F - n||^2), so grad_x log p = -F / sigma and D(x, sigma) = x - sigma F.
+
+    ``sde`` gives ``sigma(t)``, ``t_of_sigma(sigma)``, ``alpha(t)`` and ``eps`` (tensors in, tensors out).
+    ``sigmas`` holds sigma(t) on ``n_grid`` times uniform in [eps, 1], so the ``uniform`` grid kind
+    is the paper's uniform-in-t discretisation (ending at eps; the sampler's last step denoises).
+    """
+
+    def __init__(self, model: nn.Module, sde, t_scale: float = 999.0, n_grid: int = 1000):
+        super().__init__()
+        self.model, self.sde, self.t_scale = model, sde, float(t_scale)
+        t = torch.linspace(float(sde.eps), 1.0, int(n_grid), dtype=torch.float64)
+        sig = sde.sigma(t)
+        self.register_buffer("sigmas", sig.float(), persistent=False)
+        self.sigma_min, self.sigma_max = float(sig[0]), float(sig[-1])
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        sigma = expand_sigma(sigma, x)
+        t = self.sde.t_of_sigma(sigma.double()).clamp(0.0, 1.0)
+        alpha = self.sde.alpha(t).to(x.dtype)
+        F = self.model(x * bcast(alpha, x), (self.t_scale * t).to(x.dtype), **cond)
+        return x - bcast(sigma, x) * F
