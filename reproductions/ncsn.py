@@ -260,7 +260,9 @@ def _toy_rows(df, sampler: str | None = None):
     if df is None or len(df) == 0 or "reproduction" not in df:
         return None
     d = df[(df["reproduction"] == "ncsn") & (df["model"] == "toy") & (df["status"] == "ok")]
-    d = d[d["metrics"].map(lambda m: isinstance(m, dict) and "mode_weights" in m)]
+    if len(d) == 0:  # an empty frame's boolean mask would select columns, not rows
+        return None
+    d = d[d["metrics"].map(lambda m: isinstance(m, dict) and "mode_weights" in m).astype(bool)]
     if sampler is not None:
         d = d[d["sampler"] == sampler]
     return d if len(d) else None
