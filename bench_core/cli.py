@@ -58,31 +58,24 @@ def cmd_run(args) -> int:
 
         path = write_report(out, out)
         print(f"report: {path}")
-        _print_leaderboard(out, None)
+        _print_leaderboard([out])
     return 1 if summary["error"] and args.strict else 0
 
 
-def _print_leaderboard(records_path, nfe_max, csv=None, group_filter=None):
+def _print_leaderboard(records_paths, nfe_max=None, csv=None, group_filter=None):
+    """The leaderboard of the given records as Markdown on stdout, and as CSV when asked."""
     from .records import load_records
     from .report.leaderboard import leaderboard, to_csv, to_markdown
 
-    df = leaderboard(load_records(records_path), nfe_max=nfe_max, group_filter=group_filter)
+    df = leaderboard(load_records(*records_paths), nfe_max=nfe_max, group_filter=group_filter)
     print(to_markdown(df))
     if csv:
         to_csv(df, csv)
-        print(f"wrote {csv}")
+        print(f"wrote {csv}", file=sys.stderr)
 
 
 def cmd_leaderboard(args) -> int:
-    from .records import load_records
-    from .report.leaderboard import leaderboard, to_csv, to_markdown
-
-    recs = load_records(*_records_paths(args))
-    df = leaderboard(recs, nfe_max=args.nfe_max, group_filter=args.filter)
-    print(to_markdown(df))
-    if args.csv:
-        to_csv(df, args.csv)
-        print(f"wrote {args.csv}", file=sys.stderr)
+    _print_leaderboard(_records_paths(args), args.nfe_max, args.csv, args.filter)
     return 0
 
 
