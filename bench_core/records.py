@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class Record:
     peak_mem_mb: float | None = None
     peak_mem_method: str = ""
     train_sec: float | None = None
+    wall_sec: float | None = None  # wall time of this run: sampling + metrics (+ loading or training its model, first run)
     preview: dict | None = None  # a few samples for grids: {"shape": [...], "dtype": "uint8"|"float16", "b64": ...}
     # where and provenance
     device: str = ""             # "cpu" / "cuda"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -154,7 +153,6 @@ def load_suite(name_or_path: str) -> Suite:
 
 def parse_suite(data: Any, source: str = "<suite>") -> Suite:
     import reproductions
-    from .data import DATASETS  # noqa: F401  (datasets are named by the models, checked by reproductions)
     from .samplers import SAMPLERS, load_all
     from .schedules import GRIDS
 
@@ -360,22 +358,37 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
     seeds = [sample_seed(run.seed, i) for i in range(run.num_samples)]
     batches = [seeds[i:i + run.batch_size] for i in range(0, len(seeds), run.batch_size)]
 
-    def draw(batch_seeds):
-        noise = SampleNoise(batch_seeds, device)
+    batch_cond = getattr(lm, "batch_cond", None)
+    decode = getattr(lm, "decode", None)
+
+    def cond_for(b: int) -> dict:
+        """lm.cond plus the per-sample conditioning of batch b (from the samples' indices)."""
+        if batch_cond is None:
+            return lm.cond
+        idx = torch.arange(b * run.batch_size, b * run.batch_size + len(batches[b]), device=device)
+        return {**lm.cond, **batch_cond(idx)}
+
+    def draw(b: int):
+        noise = SampleNoise(batches[b], device)
         x = noise.randn(lm.sample_shape) * sigmas[0]
-        return spec.fn(counter, x, sigmas, generator=noise, cond=lm.cond, **run.sampler_opts)
+        out = spec.fn(counter, x, sigmas, generator=noise, cond=cond_for(b), **run.sampler_opts)
+        return out if decode is None else decode(out)  # e.g. latents -> images, inside the timed region
 
     with torch.no_grad():
         # warm-up: one denoiser call at the batch size (allocations, lazy init), not counted
         xw = torch.zeros((len(batches[0]), *lm.sample_shape), device=device)
-        lm.denoiser(xw, sigmas[:1].expand(len(xw)), **lm.cond)
+        dw = lm.denoiser(xw, sigmas[:1].expand(len(xw)), **cond_for(0))
+        if decode is not None:
+            decode(dw)
         synchronize(device)
+        # classifier-gradient evaluations (guidance wrappers expose `grad_evals`) are counted from here on
+        grad_evals0 = float(getattr(lm.denoiser, "grad_evals", 0))
         times, outs, calls = [], [], 0
         peak = None
         for b, bs in enumerate(batches):
             ctx = PeakMemory(device) if b == 0 else contextlib.nullcontext()
             with ctx as pm, Stopwatch(device) as sw:
-                out = draw(bs)
+                out = draw(b)
             dt = sw.elapsed
             if b == 0:
                 peak = pm
@@ -387,7 +400,7 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
                 on_batch(run.steps * len(bs))
         for _ in range(run.timing_repeats):  # extra timed repeats of the first batch
             with Stopwatch(device) as sw:
-                draw(batches[0])
+                draw(0)
             times.append(sw.elapsed)
             calls += 1
     samples = torch.cat(outs)
@@ -396,7 +409,7 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         suite=run.suite, entry=run.entry, reproduction=run.reproduction, model=run.model,
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
         grid=dict(run.grid), steps=run.steps, nfe=counter.count / calls,
-        grad_evals=float(getattr(lm.denoiser, "grad_evals", 0)) / calls if hasattr(lm.denoiser, "grad_evals") else 0.0,
+        grad_evals=(float(getattr(lm.denoiser, "grad_evals", 0)) - grad_evals0) / calls,
         num_samples=run.num_samples, batch_size=run.batch_size, seed=run.seed,
         sec_per_batch=sec, samples_per_sec=run.batch_size / sec if sec > 0 else None, timing_repeats=len(times),
         peak_mem_mb=peak.peak_mb if peak else None, peak_mem_method=peak.method if peak else "",
@@ -485,6 +498,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
     try:
         for (rep_name, model, _), runs in groups.items():
             rep = reproductions.get(rep_name)
+            t_load = time.perf_counter()
             try:
                 lm = rep.load_model(model, runs[0].model_overrides, device=dev, cache_dir=cache / "checkpoints",
                                     progress=progress)
@@ -500,6 +514,8 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
             for r in runs:
                 bar.set_postfix_str(f"{r.entry}: {r.sampler} {r.grid.get('kind')} S={r.steps}", refresh=False)
                 before = bar.n
+                t0 = time.perf_counter() if t_load is None else t_load
+                t_load = None
                 try:
                     record = run_one(r, lm, metrics, dev, on_batch=bar.update)
                     lm.train_sec = None  # training time is reported once, on the first record after training
@@ -508,6 +524,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
                     record.error += "\n" + "".join(traceback.format_exception(err)[-3:])[:1500]
                     log(f"error in {r.entry} ({r.sampler} S={r.steps}): {type(err).__name__}: {err}")
                 bar.update(max(0, r.work() - (bar.n - before)))
+                record.wall_sec = time.perf_counter() - t0
                 store.append(record)
                 summary[record.status] += 1
                 summary["ran"] += 1

@@ -6,9 +6,10 @@ registers every paper module listed in ``MODULES``.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,6 +51,12 @@ class LoadedModel:
     # paper-specific metrics of the samples: fn(samples: Tensor on CPU) -> dict, merged into `metrics`
     sample_metrics: Callable[[Any], dict] | None = None
     extra: dict = field(default_factory=dict)
+    # per-sample conditioning from sample indices: fn(indices: LongTensor (B,)) -> dict merged into `cond` for
+    # that batch (e.g. requested class labels), so a sample's condition never depends on its batch
+    batch_cond: Callable[[Any], dict] | None = None
+    # maps the sampler's output to samples (e.g. an LDM decoder: latents -> images); the harness calls it
+    # inside the timed and memory-measured region.  None: the sampler's output are the samples.
+    decode: Callable[[Any], Any] | None = None
 
 
 class Reproduction:
@@ -65,14 +72,59 @@ class Reproduction:
         """The checkpoint-cache key of a model preset with overrides (cheap: no training)."""
         raise NotImplementedError
 
+    def model_config(self, model: str, overrides: dict | None = None):
+        """The preset's typed config with the suite's overrides applied (then ``check_config``)."""
+        if model not in self.models:
+            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
+        cfg = apply_overrides(self.models[model], overrides or {})
+        return self.check_config(model, cfg)
+
+    def check_config(self, model: str, cfg):
+        """Finish and validate a config after overrides (raise ValueError with the reason); returns it."""
+        return cfg
+
     def override_errors(self, model: str, overrides: dict) -> list[str]:
         """Every problem with a model name and its suite overrides (validated before any work starts)."""
-        return [] if model in self.models else [f"unknown model {model!r} for reproduction {self.name!r}"]
+        if model not in self.models:
+            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
+        errs = override_errors(self.models[model], overrides or {})
+        if not errs:
+            try:
+                self.model_config(model, overrides)  # e.g. a value outside the allowed choices
+            except (ValueError, TypeError, KeyError) as e:
+                errs.append(str(e))
+        return errs
+
+    # what ``preflight`` checks: the datasets a model needs and the checkpoints it would load
+    def required_datasets(self, cfg) -> list[tuple[str, dict]]:
+        """(dataset name, options) pairs needed for training and for the metrics' reference."""
+        return [(cfg.dataset, dict(cfg.dataset_opts))] if hasattr(cfg, "dataset") else []
+
+    def cached_modules(self, model: str, overrides: dict, cfg) -> list[tuple[str, Callable[[], Any]]]:
+        """(checkpoint hash, module factory) pairs whose cached files must load into that module."""
+        return []
 
     def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
         """Problems to report before any work starts: missing dataset files, a cached checkpoint
         that is corrupted or does not match.  The harness calls it for every model a suite uses."""
-        return []
+        from bench_core.data import DatasetError, load_dataset
+        from bench_core.train import CheckpointCache, CheckpointError
+
+        cfg = self.model_config(model, overrides)
+        problems = []
+        for name, opts in self.required_datasets(cfg):
+            try:
+                load_dataset(name, **opts)
+            except (FileNotFoundError, DatasetError) as e:
+                problems.append(f"{self.name}/{model}: {e}")
+        cache = CheckpointCache(cache_dir)
+        for h, make in self.cached_modules(model, overrides, cfg):
+            try:
+                if cache.path(h).is_file():
+                    cache.load(h, make())
+            except CheckpointError as e:
+                problems.append(f"{self.name}/{model}: {e}")
+        return problems
 
     def claims(self) -> list[Claim]:
         return []
@@ -84,6 +136,65 @@ class Reproduction:
     def plots(self, df, outdir) -> list:
         """Paper-specific plots regenerated from records; returns the written paths."""
         return []
+
+
+def unet_config_hash(family: str, cfg) -> str:
+    """Checkpoint key of a config holding a U-Net under ``unet``: the network's architecture (not its
+    kernels' runtime choices) and every other field."""
+    from bench_core.train import config_hash
+
+    d = asdict(cfg)
+    d["unet"] = cfg.unet.arch_dict()
+    return config_hash({"family": family}, d)
+
+
+# --- typed configs from YAML overrides --------------------------------------------------------------
+def apply_overrides(cfg, overrides: dict, path: str = ""):
+    """A copy of a (nested) dataclass config with YAML overrides applied; unknown fields raise."""
+    cfg = copy.deepcopy(cfg)
+    for k, v in (overrides or {}).items():
+        names = {f.name for f in fields(cfg)}
+        if k not in names:
+            raise KeyError(f"{path}{k}: unknown field (known: {', '.join(sorted(names))})")
+        cur = getattr(cfg, k)
+        if is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise TypeError(f"{path}{k}: expected a mapping of fields, got {type(v).__name__}")
+            v = apply_overrides(cur, v, f"{path}{k}.")
+        elif isinstance(cur, tuple) and isinstance(v, list):
+            v = tuple(v)
+        cfg = replace(cfg, **{k: v})
+    return cfg
+
+
+def override_errors(cfg, overrides: dict, path: str = "") -> list[str]:
+    """Every problem with a mapping of overrides against a dataclass config (for suite validation)."""
+    errs = []
+    if not isinstance(overrides, dict):
+        return [f"{path or 'model_overrides'}: expected a mapping, got {type(overrides).__name__}"]
+    known = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    for k, v in overrides.items():
+        if k not in known:
+            errs.append(f"{path}{k}: unknown field (known: {', '.join(sorted(known))})")
+            continue
+        cur = known[k]
+        if is_dataclass(cur):
+            errs += override_errors(cur, v, f"{path}{k}.") if isinstance(v, dict) else [
+                f"{path}{k}: expected a mapping of fields, got {type(v).__name__}"]
+        elif cur is not None and not _same_kind(cur, v):
+            errs.append(f"{path}{k}: expected {type(cur).__name__}, got {type(v).__name__} {v!r}")
+    return errs
+
+
+def _same_kind(cur, v) -> bool:
+    if isinstance(cur, bool) or isinstance(v, bool):
+        return isinstance(cur, bool) and isinstance(v, bool)
+    if isinstance(cur, (int, float)):
+        return isinstance(v, (int, float)) and (isinstance(cur, float) or isinstance(v, int))
+    if isinstance(cur, (tuple, list)):
+        return isinstance(v, (tuple, list))
+    return isinstance(v, type(cur))
+
 
 
 def register(rep: Reproduction) -> Reproduction:

@@ -28,7 +28,7 @@ from bench_core.nets.unet import UNet, UNetConfig
 from bench_core.schedules import karras_grid
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import apply_overrides, config_dict, override_errors
+from reproductions.ddpm import config_dict
 from reproductions.edm import EDM_REPRO, MODELS as EDM_MODELS, EDMConfig
 
 MODES = ("cd", "ct")
@@ -170,10 +170,7 @@ class Consistency(Reproduction):
     paper_url = "https://arxiv.org/abs/2303.01469"
     models = MODELS
 
-    def model_config(self, model: str, overrides: dict | None = None) -> ConsistencyConfig:
-        if model not in self.models:
-            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
-        cfg = apply_overrides(self.models[model], overrides or {})
+    def check_config(self, model: str, cfg: ConsistencyConfig) -> ConsistencyConfig:
         if isinstance(cfg.unet, dict):  # an override of a None network: fields over the teacher's
             cfg.unet = UNetConfig(**{**asdict(cfg.teacher.unet), **cfg.unet})
         if cfg.mode not in MODES:
@@ -181,17 +178,6 @@ class Consistency(Reproduction):
         if cfg.loss not in LOSSES:
             raise ValueError(f"{self.name}/{model}: loss must be one of {LOSSES}, got {cfg.loss!r}")
         return cfg
-
-    def override_errors(self, model: str, overrides: dict) -> list[str]:
-        if model not in self.models:
-            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
-        errs = override_errors(self.models[model], overrides or {})
-        if not errs:
-            try:
-                self.model_config(model, overrides)
-            except (ValueError, TypeError, KeyError) as e:
-                errs.append(str(e))
-        return errs
 
     def model_hash(self, model: str, overrides: dict) -> str:
         cfg = self.model_config(model, overrides)
@@ -209,32 +195,15 @@ class Consistency(Reproduction):
     def build(self, cfg: ConsistencyConfig) -> ConsistencyPrecond:
         return ConsistencyPrecond(UNet(cfg.net_config()), cfg.sigma_data, cfg.eps, cfg.sigma_max, cfg.t_scale)
 
-    def _dataset(self, cfg: ConsistencyConfig) -> tuple[str, dict]:
-        return (cfg.teacher.dataset, dict(cfg.teacher.dataset_opts)) if cfg.mode == "cd" else (
-            cfg.dataset, dict(cfg.dataset_opts))
+    def required_datasets(self, cfg: ConsistencyConfig) -> list[tuple[str, dict]]:
+        return [(cfg.teacher.dataset, dict(cfg.teacher.dataset_opts)) if cfg.mode == "cd" else (
+            cfg.dataset, dict(cfg.dataset_opts))]
 
-    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
-        from bench_core.data import DatasetError, load_dataset
-        from bench_core.train import CheckpointError
-
-        cfg = self.model_config(model, overrides)
-        problems = []
-        name, opts = self._dataset(cfg)
-        try:
-            load_dataset(name, **opts)
-        except (FileNotFoundError, DatasetError) as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        cache = CheckpointCache(cache_dir)
-        checks = [(self.model_hash(model, overrides), lambda: self.build(cfg))]
+    def cached_modules(self, model, overrides, cfg):
+        mods = [(self.model_hash(model, overrides), lambda: self.build(cfg))]
         if cfg.mode == "cd":
-            checks.append((EDM_REPRO.hash_config(cfg.teacher), lambda: EDM_REPRO.build(cfg.teacher)))
-        for h, make in checks:
-            try:
-                if cache.path(h).is_file():
-                    cache.load(h, make())
-            except CheckpointError as e:
-                problems.append(f"{self.name}/{model}: {e}")
-        return problems
+            mods.append((EDM_REPRO.hash_config(cfg.teacher), lambda: EDM_REPRO.build(cfg.teacher)))
+        return mods
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset
@@ -255,7 +224,7 @@ class Consistency(Reproduction):
                 teacher.requires_grad_(False)
                 if cfg.init_from_teacher:
                     net.model.load_state_dict(teacher.model.state_dict())
-            name, opts = self._dataset(cfg)
+            (name, opts), = self.required_datasets(cfg)
             data = load_dataset(name, **opts)
             stats = train(net, cm_loss(cfg, teacher), data.x, cfg.train, labels=data.labels, progress=progress,
                           desc=f"train {self.name}/{model}", device=device)
@@ -263,7 +232,7 @@ class Consistency(Reproduction):
 
         meta, trained_now = cache.load_or_train(h, f, train_fn)
         f = f.to(device).eval()
-        name, opts = self._dataset(cfg)
+        (name, opts), = self.required_datasets(cfg)
         shape = (cfg.net_config().in_channels, cfg.net_config().resolution, cfg.net_config().resolution)
         train_sec = (float(meta.get("train_sec") or 0.0) + teacher_sec) if trained_now else None
         return LoadedModel(f, h, name, shape, train_sec=train_sec, dataset_opts=opts,

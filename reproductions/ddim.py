@@ -11,7 +11,7 @@ import pandas as pd
 
 from bench_core.records import decode_preview
 from reproductions import Claim, ClaimResult, Reproduction, register
-from reproductions.ddpm import DDPM_REPRO, ok_rows
+from reproductions.ddpm import DDPM_REPRO
 
 S_COLUMNS = (10, 20, 50, 100, 1000)
 # Table 1, CIFAR-10 FID (quadratic timestep subsets).  Rows eta = 0, 0.2, 0.5, 1 and sigma-hat.

@@ -6,17 +6,16 @@ with sigma_t^2 = beta_t or beta-tilde_t.  The sampler ``ddpm`` lives in bench_co
 """
 from __future__ import annotations
 
-import copy
-import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.schedules import BETA_SCHEDULES, alphas_cumprod
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
+from bench_core.train import CheckpointCache, TrainConfig, train
+from reproductions import (Claim, ClaimResult, LoadedModel, Reproduction, apply_overrides,  # noqa: F401 (re-exported)
+                            override_errors, register, unet_config_hash)
 
 
 @dataclass
@@ -67,53 +66,6 @@ def l_simple(abar: torch.Tensor):
     return loss_fn
 
 
-def apply_overrides(cfg, overrides: dict, path: str = ""):
-    """A copy of a (nested) dataclass config with YAML overrides applied; unknown fields raise."""
-    cfg = copy.deepcopy(cfg)
-    for k, v in (overrides or {}).items():
-        names = {f.name for f in fields(cfg)}
-        if k not in names:
-            raise KeyError(f"{path}{k}: unknown field (known: {', '.join(sorted(names))})")
-        cur = getattr(cfg, k)
-        if is_dataclass(cur):
-            if not isinstance(v, dict):
-                raise TypeError(f"{path}{k}: expected a mapping of fields, got {type(v).__name__}")
-            v = apply_overrides(cur, v, f"{path}{k}.")
-        elif isinstance(cur, tuple) and isinstance(v, list):
-            v = tuple(v)
-        cfg = replace(cfg, **{k: v})
-    return cfg
-
-
-def override_errors(cfg, overrides: dict, path: str = "") -> list[str]:
-    """Every problem with a mapping of overrides against a dataclass config (for suite validation)."""
-    errs = []
-    if not isinstance(overrides, dict):
-        return [f"{path or 'model_overrides'}: expected a mapping, got {type(overrides).__name__}"]
-    known = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
-    for k, v in overrides.items():
-        if k not in known:
-            errs.append(f"{path}{k}: unknown field (known: {', '.join(sorted(known))})")
-            continue
-        cur = known[k]
-        if is_dataclass(cur):
-            errs += override_errors(cur, v, f"{path}{k}.") if isinstance(v, dict) else [
-                f"{path}{k}: expected a mapping of fields, got {type(v).__name__}"]
-        elif cur is not None and not _same_kind(cur, v):
-            errs.append(f"{path}{k}: expected {type(cur).__name__}, got {type(v).__name__} {v!r}")
-    return errs
-
-
-def _same_kind(cur, v) -> bool:
-    if isinstance(cur, bool) or isinstance(v, bool):
-        return isinstance(cur, bool) and isinstance(v, bool)
-    if isinstance(cur, (int, float)):
-        return isinstance(v, (int, float)) and (isinstance(cur, float) or isinstance(v, int))
-    if isinstance(cur, (tuple, list)):
-        return isinstance(v, (tuple, list))
-    return isinstance(v, type(cur))
-
-
 def config_dict(cfg) -> dict:
     return asdict(cfg)
 
@@ -124,40 +76,12 @@ class DDPM(Reproduction):
     paper_url = "https://arxiv.org/abs/2006.11239"
     models = MODELS
 
-    def model_config(self, model: str, overrides: dict | None = None) -> DDPMConfig:
-        if model not in self.models:
-            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
-        return apply_overrides(self.models[model], overrides or {})
-
-    def override_errors(self, model: str, overrides: dict) -> list[str]:
-        if model not in self.models:
-            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
-        return override_errors(self.models[model], overrides or {})
-
     def model_hash(self, model: str, overrides: dict) -> str:
         """Hash of what determines the trained weights (the U-Net's architecture, not its kernels' choice)."""
-        cfg = self.model_config(model, overrides)
-        d = asdict(cfg)
-        d["unet"] = cfg.unet.arch_dict()
-        return config_hash({"family": "ddpm-eps"}, d)
+        return unet_config_hash("ddpm-eps", self.model_config(model, overrides))
 
-    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
-        from bench_core.data import DatasetError, load_dataset
-        from bench_core.train import CheckpointError
-
-        cfg = self.model_config(model, overrides)
-        problems = []
-        try:
-            load_dataset(cfg.dataset, **cfg.dataset_opts)  # needed for training and for the metrics' reference
-        except (FileNotFoundError, DatasetError) as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        cache, h = CheckpointCache(cache_dir), self.model_hash(model, overrides)
-        try:
-            if cache.path(h).is_file():
-                cache.load(h, UNet(cfg.unet))
-        except CheckpointError as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        return problems
+    def cached_modules(self, model, overrides, cfg):
+        return [(self.model_hash(model, overrides), lambda: UNet(cfg.unet))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset

@@ -13,7 +13,7 @@ network sees t = 250 c_noise = 62.5 ln(sigma), about [-388, 274] for sigma in [0
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -21,9 +21,9 @@ import torch
 
 from bench_core.denoiser import EDMPrecond
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import apply_overrides, config_dict, override_errors
+from bench_core.train import CheckpointCache, TrainConfig, train
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
+from reproductions.ddpm import config_dict
 
 
 @dataclass
@@ -83,46 +83,19 @@ class EDM(Reproduction):
     paper_url = "https://arxiv.org/abs/2206.00364"
     models = MODELS
 
-    def model_config(self, model: str, overrides: dict | None = None) -> EDMConfig:
-        if model not in self.models:
-            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
-        return apply_overrides(self.models[model], overrides or {})
-
-    def override_errors(self, model: str, overrides: dict) -> list[str]:
-        if model not in self.models:
-            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
-        return override_errors(self.models[model], overrides or {})
-
     def model_hash(self, model: str, overrides: dict) -> str:
         return self.hash_config(self.model_config(model, overrides))
 
     @staticmethod
     def hash_config(cfg: EDMConfig) -> str:
         """Checkpoint key of an EDM config (the U-Net's architecture, not its kernels' choice)."""
-        d = asdict(cfg)
-        d["unet"] = cfg.unet.arch_dict()
-        return config_hash({"family": "edm-precond"}, d)
+        return unet_config_hash("edm-precond", cfg)
 
     def build(self, cfg: EDMConfig) -> EDMPrecond:
         return EDMPrecond(UNet(cfg.unet), cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.t_scale)
 
-    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
-        from bench_core.data import DatasetError, load_dataset
-        from bench_core.train import CheckpointError
-
-        cfg = self.model_config(model, overrides)
-        problems = []
-        try:
-            load_dataset(cfg.dataset, **cfg.dataset_opts)
-        except (FileNotFoundError, DatasetError) as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        cache, h = CheckpointCache(cache_dir), self.model_hash(model, overrides)
-        try:
-            if cache.path(h).is_file():
-                cache.load(h, self.build(cfg))
-        except CheckpointError as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        return problems
+    def cached_modules(self, model, overrides, cfg):
+        return [(self.model_hash(model, overrides), lambda: self.build(cfg))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         cfg = self.model_config(model, overrides)

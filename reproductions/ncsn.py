@@ -21,15 +21,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from bench_core.denoiser import GMMDenoiser, bcast, expand_sigma
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import apply_overrides, ok_rows, override_errors
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
+from reproductions.ddpm import ok_rows
 from reproductions.sohl_dickstein import _cpu_threads
 
 PAPER_FID, PAPER_IS = 25.32, 8.87  # CIFAR-10 (≈)
@@ -145,42 +144,18 @@ class NCSN(Reproduction):
     paper_url = "https://arxiv.org/abs/1907.05600"
     models = MODELS
 
-    def model_config(self, model: str, overrides: dict | None = None):
-        if model not in self.models:
-            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
-        return apply_overrides(self.models[model], overrides or {})
-
-    def override_errors(self, model, overrides):
-        if model not in self.models:
-            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
-        return override_errors(self.models[model], overrides or {})
-
     def model_hash(self, model, overrides):
         cfg = self.model_config(model, overrides)
         if isinstance(cfg, ToyConfig):
             default = ToyConfig()
             return f"exact-{cfg.preset}" + ("" if cfg == default else "-" + config_hash(asdict(cfg))[:8])
-        d = asdict(cfg)
-        d["unet"] = cfg.unet.arch_dict()
-        return config_hash({"family": "ncsn-dsm"}, d)
+        return unet_config_hash("ncsn-dsm", cfg)
 
-    def preflight(self, model, overrides, *, cache_dir):
-        from bench_core.data import DatasetError, load_dataset
-        from bench_core.train import CheckpointError
+    def required_datasets(self, cfg):
+        return [("gmm2d", {"preset": cfg.preset, "n": 16})] if isinstance(cfg, ToyConfig) else super().required_datasets(cfg)
 
-        cfg = self.model_config(model, overrides)
-        problems = []
-        try:
-            if isinstance(cfg, ToyConfig):
-                load_dataset("gmm2d", preset=cfg.preset, n=16)
-            else:
-                load_dataset(cfg.dataset, **cfg.dataset_opts)
-                cache, h = CheckpointCache(cache_dir), self.model_hash(model, overrides)
-                if cache.path(h).is_file():
-                    cache.load(h, UNet(cfg.unet))
-        except (FileNotFoundError, DatasetError, CheckpointError) as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        return problems
+    def cached_modules(self, model, overrides, cfg):
+        return [] if isinstance(cfg, ToyConfig) else [(self.model_hash(model, overrides), lambda: UNet(cfg.unet))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         from bench_core.data import load_dataset

@@ -22,7 +22,7 @@ from bench_core.denoiser import SDEEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import apply_overrides, ok_rows, override_errors
+from reproductions.ddpm import ok_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,51 +166,19 @@ class ScoreSDE(Reproduction):
     paper_url = "https://arxiv.org/abs/2011.13456"
     models = MODELS
 
-    def model_config(self, model: str, overrides: dict | None = None):
-        if model not in self.models:
-            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
-        return apply_overrides(self.models[model], overrides or {})
-
-    def override_errors(self, model: str, overrides: dict) -> list[str]:
-        if model not in self.models:
-            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
-        errs = override_errors(self.models[model], overrides or {})
-        if not errs:
-            try:
-                self.model_config(model, overrides)  # e.g. an unknown SDE kind
-            except (ValueError, TypeError, KeyError) as e:
-                errs.append(str(e))
-        return errs
-
     def model_hash(self, model: str, overrides: dict) -> str:
         cfg = self.model_config(model, overrides)
         if isinstance(cfg, ExactGMMConfig):
             return config_hash({"family": "exact-gmm"}, asdict(cfg))
         return config_hash({"family": "score-sde-eps"}, _arch_hash_dict(cfg))
 
-    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
-        from bench_core.data import DatasetError, load_dataset
-        from bench_core.train import CheckpointError
-
-        cfg = self.model_config(model, overrides)
+    def required_datasets(self, cfg):
         if isinstance(cfg, ExactGMMConfig):
-            try:
-                load_dataset("gmm2d", preset=cfg.preset, n=cfg.n)
-            except DatasetError as e:
-                return [f"{self.name}/{model}: {e}"]
-            return []
-        problems = []
-        try:
-            load_dataset(cfg.dataset, **cfg.dataset_opts)
-        except (FileNotFoundError, DatasetError) as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        cache, h = CheckpointCache(cache_dir), self.model_hash(model, overrides)
-        try:
-            if cache.path(h).is_file():
-                cache.load(h, UNet(cfg.unet))
-        except CheckpointError as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        return problems
+            return [("gmm2d", {"preset": cfg.preset, "n": cfg.n})]
+        return super().required_datasets(cfg)
+
+    def cached_modules(self, model, overrides, cfg):
+        return [] if isinstance(cfg, ExactGMMConfig) else [(self.model_hash(model, overrides), lambda: UNet(cfg.unet))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset

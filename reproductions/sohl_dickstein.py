@@ -37,7 +37,6 @@ from bench_core.samplers import Opt, _sig, register_sampler
 from bench_core.seeding import randn_like
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import apply_overrides, override_errors
 
 LOG2 = math.log(2.0)
 TRAJ_POINTS = 300          # points per trajectory snapshot stored in the records (Fig. 1)
@@ -332,36 +331,17 @@ class SohlDickstein(Reproduction):
     paper_url = "https://arxiv.org/abs/1503.03585"
     models = MODELS
 
-    def model_config(self, model: str, overrides: dict | None = None) -> SDConfig:
-        if model not in self.models:
-            raise KeyError(f"{self.name}: unknown model {model!r}; known: {', '.join(self.models)}")
-        return apply_overrides(self.models[model], overrides or {})
-
-    def override_errors(self, model, overrides):
-        if model not in self.models:
-            return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
-        return override_errors(self.models[model], overrides or {})
-
     def model_hash(self, model, overrides):
         cfg = self.model_config(model, overrides)
         d = asdict(cfg)
         d.pop("eval_points"), d.pop("eval_seed")  # evaluation only
         return config_hash({"family": "sohl-dickstein-2015"}, d)
 
-    def preflight(self, model, overrides, *, cache_dir):
-        from bench_core.data import DatasetError, load_dataset
-        from bench_core.train import CheckpointError
+    def cached_modules(self, model, overrides, cfg):
+        from bench_core.data import load_dataset
 
-        cfg = self.model_config(model, overrides)
-        problems = []
-        try:
-            data = load_dataset(cfg.dataset, **cfg.dataset_opts)
-            cache, h = CheckpointCache(cache_dir), self.model_hash(model, overrides)
-            if cache.path(h).is_file():
-                cache.load(h, KernelMLP(data.x.shape[1], cfg.net))
-        except (FileNotFoundError, DatasetError, CheckpointError) as e:
-            problems.append(f"{self.name}/{model}: {e}")
-        return problems
+        dim = load_dataset(cfg.dataset, **cfg.dataset_opts).x.shape[1]
+        return [(self.model_hash(model, overrides), lambda: KernelMLP(dim, cfg.net))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         from bench_core.data import load_dataset
