@@ -410,7 +410,7 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
         grid=dict(run.grid), steps=run.steps, nfe=counter.count / calls,
         grad_evals=(float(getattr(lm.denoiser, "grad_evals", 0)) - grad_evals0) / calls,
-        num_samples=run.num_samples, batch_size=run.batch_size, seed=run.seed,
+        num_samples=run.num_samples, batch_size=run.batch_size, seed=run.seed, dtype=lm.dtype,
         sec_per_batch=sec, samples_per_sec=run.batch_size / sec if sec > 0 else None, timing_repeats=len(times),
         peak_mem_mb=peak.peak_mb if peak else None, peak_mem_method=peak.method if peak else "",
         train_sec=lm.train_sec, device=device.type, device_name=device_name(device),

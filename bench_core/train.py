@@ -390,3 +390,11 @@ def _load_failure(path: Path, e: BaseException) -> str:
 
 def _few(items: list[str], k: int = 5) -> str:
     return ", ".join(items[:k]) + (f" (+{len(items) - k} more)" if len(items) > k else "")
+
+
+def seeded_init(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """``factory()`` with its weight initialisation drawn from ``seed`` (inside ``fork_rng``: the caller's RNG
+    state is untouched), so a checkpoint trained from a config is the same on every run."""
+    with torch.random.fork_rng():
+        torch.manual_seed(int(seed))
+        return factory()

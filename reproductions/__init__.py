@@ -57,6 +57,7 @@ class LoadedModel:
     # maps the sampler's output to samples (e.g. an LDM decoder: latents -> images); the harness calls it
     # inside the timed and memory-measured region.  None: the sampler's output are the samples.
     decode: Callable[[Any], Any] | None = None
+    dtype: str = "float32"         # the network's compute dtype (recorded; e.g. bfloat16 under speed options)
 
 
 class Reproduction:

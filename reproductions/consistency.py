@@ -26,7 +26,7 @@ import torch
 from bench_core.denoiser import ConsistencyPrecond
 from bench_core.nets.unet import UNet, UNetConfig
 from bench_core.schedules import karras_grid
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
+from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
 from reproductions.ddpm import config_dict
 from reproductions.edm import EDM_REPRO, MODELS as EDM_MODELS, EDMConfig
@@ -210,7 +210,7 @@ class Consistency(Reproduction):
 
         cfg = self.model_config(model, overrides)
         h = self.model_hash(model, overrides)
-        f = self.build(cfg)
+        f = seeded_init(lambda: self.build(cfg), cfg.train.seed)
         cache = CheckpointCache(cache_dir)
         teacher_sec = 0.0
 

@@ -13,9 +13,8 @@ import torch
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.schedules import BETA_SCHEDULES, alphas_cumprod
-from bench_core.train import CheckpointCache, TrainConfig, train
-from reproductions import (Claim, ClaimResult, LoadedModel, Reproduction, apply_overrides,  # noqa: F401 (re-exported)
-                            override_errors, register, unet_config_hash)
+from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
 
 
 @dataclass
@@ -88,7 +87,7 @@ class DDPM(Reproduction):
 
         cfg = self.model_config(model, overrides)
         h = self.model_hash(model, overrides)
-        net = UNet(cfg.unet)
+        net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
         abar = alphas_cumprod(cfg.betas())
         cache = CheckpointCache(cache_dir)
 

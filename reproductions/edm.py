@@ -21,7 +21,7 @@ import torch
 
 from bench_core.denoiser import EDMPrecond
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, train
+from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
 from reproductions.ddpm import config_dict
 
@@ -113,7 +113,7 @@ class EDM(Reproduction):
         from bench_core.data import load_dataset
 
         h = self.hash_config(cfg)
-        den = self.build(cfg)
+        den = seeded_init(lambda: self.build(cfg), cfg.train.seed)
 
         def train_fn(net):
             data = load_dataset(cfg.dataset, **cfg.dataset_opts)

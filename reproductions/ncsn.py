@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from bench_core.denoiser import GMMDenoiser, bcast, expand_sigma
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
+from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
 from reproductions.ddpm import ok_rows
 from reproductions.sohl_dickstein import _cpu_threads
@@ -174,7 +174,7 @@ class NCSN(Reproduction):
             return LoadedModel(SingleThreadDenoiser(oracle), h, "gmm2d", (2,), dataset_opts={"preset": cfg.preset, "n": cfg.reference_n},
                                sample_metrics=sample_metrics)
 
-        net = UNet(cfg.unet)
+        net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
         den = NCSNDenoiser(net, cfg.sigma_1, cfg.sigma_L)
 
         def train_fn(net):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bench_core.denoiser import SDEEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
+from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
 from reproductions.ddpm import ok_rows
 
@@ -187,7 +187,7 @@ class ScoreSDE(Reproduction):
         h = self.model_hash(model, overrides)
         if isinstance(cfg, ExactGMMConfig):
             return self._load_gmm(cfg, h, device)
-        net = UNet(cfg.unet)
+        net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
         cache = CheckpointCache(cache_dir)
 
         def train_fn(net):

@@ -35,7 +35,7 @@ from bench_core.denoiser import bcast, expand_sigma
 from bench_core.nets.unet import timestep_embedding
 from bench_core.samplers import Opt, _sig, register_sampler
 from bench_core.seeding import randn_like
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, train
+from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
 
 LOG2 = math.log(2.0)
@@ -351,7 +351,7 @@ class SohlDickstein(Reproduction):
         h = self.model_hash(model, overrides)
         data = load_dataset(cfg.dataset, **cfg.dataset_opts)
         chain = Chain(cfg.betas())
-        net = KernelMLP(data.x.shape[1], cfg.net)
+        net = seeded_init(lambda: KernelMLP(data.x.shape[1], cfg.net), cfg.train.seed)
 
         def train_fn(net):
             # a 2-D MLP step is ~1 ms of work: on CPU, more than one thread only adds synchronisation (30x slower

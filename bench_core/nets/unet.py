@@ -14,19 +14,25 @@ ADM options, default off: ``scale_shift_norm`` (AdaGN: the embedding gives a per
 shift after the second GroupNorm), ``resblock_updown`` (BigGAN-style resampling inside a residual
 block instead of a plain strided conv / upsample conv) and ``num_head_channels`` (a fixed width per
 attention head instead of a fixed number of heads).
+
+Speed options (Chen et al. 2023, "Speed is all you need"), runtime only: they change how the
+network computes, never its parameters or state_dict keys (``bench_core.accel`` switches them):
+``set_attn_impl("naive" | "chunked" | "sdpa")`` picks the attention kernel and
+``set_fused_norm_act(True)`` runs every GroupNorm followed by SiLU as one fused kernel.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTN_IMPLS = ("naive", "sdpa")
+ATTN_IMPLS = ("naive", "chunked", "sdpa")
+DEFAULT_ATTN_CHUNK = 1024  # queries per chunk of the "chunked" attention
 
 
 @dataclass
@@ -48,7 +54,7 @@ class UNetConfig:
     norm_groups: int = 32
     scale_shift_norm: bool = False  # ADM adaptive group norm
     resblock_updown: bool = False  # ADM / BigGAN up- and downsampling residual blocks
-    attn_impl: str = "sdpa"  # "naive" | "sdpa"; runtime choice, not part of the architecture
+    attn_impl: str = "sdpa"  # "naive" | "chunked" | "sdpa"; runtime choice, not part of the architecture
 
     # Fields that change how the network computes, not what it is (excluded from arch_dict()).
     RUNTIME_FIELDS = ("attn_impl",)
@@ -126,6 +132,68 @@ def group_norm(channels: int, norm_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels, norm_groups), channels, eps=1e-6)
 
 
+def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
+                     scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """silu(GroupNorm(x) * (1 + scale) + shift): the norm -> (AdaGN modulation) -> activation chain."""
+    h = F.group_norm(x, groups, weight, bias, eps)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h)
+
+
+_FUSED_NORM_ACT = {"fn": None, "backend": ""}
+
+
+def fused_norm_act_backend() -> str:
+    """How the fused GroupNorm+SiLU runs: "inductor" (torch.compile: a generated Triton kernel on
+    CUDA, C++ on CPU) or "eager-fallback" (torch.compile unavailable; same math, unfused)."""
+    _fused_norm_act_fn()
+    return _FUSED_NORM_ACT["backend"]
+
+
+def _fused_norm_act_fn():
+    """The compiled GroupNorm+SiLU, built once (torch.compile fuses the reduction and activation)."""
+    if _FUSED_NORM_ACT["fn"] is None:
+        try:
+            import torch._dynamo
+
+            # one compiled function serves every (shape, dtype) of every network: allow recompiles
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+            _FUSED_NORM_ACT["fn"] = torch.compile(_group_norm_silu, dynamic=True)
+            _FUSED_NORM_ACT["backend"] = "inductor"
+        except Exception as e:  # noqa: BLE001 - no compiler backend: say so and run unfused
+            import warnings
+
+            warnings.warn(f"fused GroupNorm+SiLU: torch.compile unavailable ({type(e).__name__}: {e}); "
+                          "running the unfused eager ops instead")
+            _FUSED_NORM_ACT["fn"] = _group_norm_silu
+            _FUSED_NORM_ACT["backend"] = "eager-fallback"
+    return _FUSED_NORM_ACT["fn"]
+
+
+def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool = False, scale: Tensor | None = None,
+             shift: Tensor | None = None) -> Tensor:
+    """silu(norm(x) [* (1 + scale) + shift]), as one fused kernel when ``fused``."""
+    if fused:
+        try:
+            return _fused_norm_act_fn()(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+        except Exception as e:  # noqa: BLE001 - a compile failure at the first call: fall back, loudly
+            if _FUSED_NORM_ACT["backend"] != "inductor":
+                raise
+            import warnings
+
+            warnings.warn(f"fused GroupNorm+SiLU: compiling failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "running the unfused eager ops instead")
+            _FUSED_NORM_ACT.update(fn=_group_norm_silu, backend="eager-fallback")
+            return _group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return F.silu(h)
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of real t (Vaswani et al. 2017, as in DDPM's get_timestep_embedding)."""
     half = dim // 2
@@ -170,6 +238,7 @@ class ResBlock(nn.Module):
                  scale_shift_norm: bool = False, up: bool = False, down: bool = False):
         super().__init__()
         self.scale_shift_norm = scale_shift_norm
+        self.fused_norm_act = False  # runtime: GroupNorm+SiLU as one kernel (see norm_act)
         self.norm1 = group_norm(in_ch, norm_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch)
@@ -186,33 +255,37 @@ class ResBlock(nn.Module):
             self.resample = None
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = F.silu(self.norm1(x))
+        h = norm_act(self.norm1, x, self.fused_norm_act)
         if self.resample is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.conv1(h)
         e = self.emb_proj(F.silu(emb))[:, :, None, None]
         if self.scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.norm2(h) * (1 + scale) + shift
+            h = norm_act(self.norm2, h, self.fused_norm_act, scale, shift)
         else:
-            h = self.norm2(h + e)
-        h = self.conv2(self.dropout(F.silu(h)))
+            h = norm_act(self.norm2, h + e, self.fused_norm_act)
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
 
 class AttnBlock(nn.Module):
     """Multi-head self-attention over spatial positions with a residual connection.
 
-    ``impl`` selects the kernel: "sdpa" (torch's scaled_dot_product_attention) or "naive"
-    (explicit softmax(q k^T / sqrt(d)) v).  Both compute the same function.
+    ``impl`` selects the kernel, all computing the same function: "naive" (explicit
+    softmax(q k^T / sqrt(d)) v, the (HW x HW) weights materialised), "chunked" (query chunks of
+    ``chunk`` rows with a partially fused softmax, see :func:`chunked_attention`) or "sdpa" (torch's
+    fused scaled_dot_product_attention: FlashAttention / memory-efficient kernels where available).
     """
 
-    def __init__(self, channels: int, num_heads: int, norm_groups: int, impl: str = "sdpa"):
+    def __init__(self, channels: int, num_heads: int, norm_groups: int, impl: str = "sdpa",
+                 chunk: int = DEFAULT_ATTN_CHUNK):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
         self.impl = impl
+        self.chunk = int(chunk)
         self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -221,16 +294,45 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         heads = self.num_heads
         qkv = self.qkv(self.norm(x)).reshape(B, 3, heads, C // heads, H * W)
-        q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d)
+        if self.impl == "naive":
+            q, k, v = (qkv[:, i].transpose(-1, -2) for i in range(3))  # (B, heads, HW, d) views
+        else:
+            # fused kernels (flash / memory-efficient attention) need the head dim contiguous, or
+            # they fall back to the materialising math path: one copy of q, k, v into (3, B, heads, HW, d)
+            q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
         if self.impl == "sdpa":
             h = F.scaled_dot_product_attention(q, k, v)
         elif self.impl == "naive":
             w = torch.softmax(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5), dim=-1)
             h = w @ v
+        elif self.impl == "chunked":
+            h = chunked_attention(q, k, v, self.chunk)
         else:
             raise ValueError(f"unknown attention impl {self.impl!r}")
         h = h.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj_out(h)
+
+
+def chunked_attention(q: Tensor, k: Tensor, v: Tensor, chunk: int = DEFAULT_ATTN_CHUNK) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over query chunks, never holding the full (L x L) weights.
+
+    Per chunk of ``chunk`` queries: the scale is folded into q before the first matmul, the softmax
+    is split into its row-max reduction and an in-place exp, and its normalisation is deferred past
+    the second matmul (divide the (chunk x d) output, not the (chunk x L) weights) -- the partially
+    fused softmax of Chen et al. 2023, Sec. 3.  Peak extra memory: chunk x L weights per head.
+    """
+    L, d = q.shape[-2], q.shape[-1]
+    chunk = max(1, min(int(chunk), L))
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    kT = k.transpose(-1, -2)
+    acc = torch.promote_types(q.dtype, torch.float32)  # normalise half precision in fp32
+    for i in range(0, L, chunk):
+        s = (q[..., i:i + chunk, :] * d**-0.5) @ kT          # (.., c, L) scores
+        # the row max only shifts the exponent (softmax is invariant to it): no gradient through it
+        s = s.sub_(s.detach().amax(dim=-1, keepdim=True)).exp_()  # unnormalised weights, in place
+        den = s.sum(dim=-1, keepdim=True, dtype=acc)
+        out[..., i:i + chunk, :] = ((s @ v).to(acc) / den).to(out.dtype)
+    return out
 
 
 class Block(nn.Module):
@@ -312,6 +414,7 @@ class UNet(nn.Module):
         # Output.
         self.norm_out = group_norm(cur, G)
         self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
+        self.fused_norm_act = False  # runtime: norm_out + SiLU as one kernel
 
         self.reset_parameters()
 
@@ -329,14 +432,26 @@ class UNet(nn.Module):
                 nn.init.zeros_(m.proj_out.weight)
         nn.init.zeros_(self.conv_out.weight)
 
-    def set_attn_impl(self, impl: str) -> "UNet":
-        """Switch every attention block to "naive" or "sdpa" (weights unchanged)."""
+    def set_attn_impl(self, impl: str, chunk: int | None = None) -> "UNet":
+        """Switch every attention block to "naive", "chunked" (``chunk`` queries at a time) or
+        "sdpa" (weights unchanged)."""
         if impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
+        if chunk is not None and int(chunk) < 1:
+            raise ValueError(f"attention chunk must be >= 1, got {chunk}")
         self.cfg = self.cfg.replace(attn_impl=impl)
         for m in self.modules():
             if isinstance(m, AttnBlock):
                 m.impl = impl
+                if chunk is not None:
+                    m.chunk = int(chunk)
+        return self
+
+    def set_fused_norm_act(self, on: bool = True) -> "UNet":
+        """Run every GroupNorm followed by SiLU as one fused kernel (torch.compile; weights unchanged)."""
+        for m in self.modules():
+            if isinstance(m, (ResBlock, UNet)):
+                m.fused_norm_act = bool(on)
         return self
 
     def embed(self, t: Tensor, y: Tensor | None = None) -> Tensor:
@@ -371,7 +486,7 @@ class UNet(nn.Module):
                 h = m(torch.cat([h, hs.pop()], dim=1), emb)
             else:
                 h = m(h, emb) if isinstance(m, ResBlock) else m(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_act(self.norm_out, h, self.fused_norm_act))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The speed ablation (Chen et al. 2023, "Speed is all you need") on one CUDA GPU: about 4.5 minutes on an H100
+# for steps 2-3 (most of it torch.compile, cuDNN autotuning and graph capture), 1.5-2 more for the tests
+# (SPEED_TESTS=none skips them):
+#   1. the CUDA speed tests (tests/test_speed.py -k cuda: every option equals the reference; CUDA graphs),
+#   2. the ablation of benchmarks/speed_ablation.py (3 networks x 2 batches x 10 option sets),
+#   3. the issue's GPU targets: sampling-loop overhead at batch 512 (digits U-Net) and, when diffusers is
+#      importable, our DDPM CIFAR-10 U-Net (bf16, every option) against diffusers' UNet2DModel + torch.compile.
+# Records (labelled with the GPU's name) go to $OUT/speed/gpu/records.jsonl ($OUT defaults to results), and the
+# regenerated tables to $OUT/speed/gpu/tables.md.  Every step has its own time limit; a step that fails or runs
+# out of time leaves the records written so far and the script goes on (exit status 1 at the end).
+#
+#   bash benchmarks/gpu_ablation.sh                 # from the repository root, python3 with torch + CUDA
+#   OUT=/tmp/out PYTHON=python bash benchmarks/gpu_ablation.sh
+#
+# diffusers (optional, never a runtime dependency): `pip install -e '.[compare]'`, or, on a machine without
+# network access, wheels of diffusers and importlib_metadata in .whl/ (installed to a private folder here).
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEST="${OUT:-results}/speed/gpu"
+mkdir -p "$DEST"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+t0=$(date +%s)
+step() { echo "=== [$(( $(date +%s) - t0 )) s] $*"; }
+
+step "device"
+$PY - <<'PY' || { echo "no CUDA device: this script is for a GPU (use speed_ablation.py --device cpu)"; exit 2; }
+import torch
+assert torch.cuda.is_available(), "CUDA is not available"
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), torch.backends.cudnn.version())
+PY
+
+if ! $PY -c "import diffusers" 2>/dev/null && ls .whl/diffusers-*.whl >/dev/null 2>&1; then
+  step "installing the carried diffusers wheel into /tmp/diffbench-site"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/diffbench-site \
+      .whl/diffusers-*.whl $(ls .whl/importlib_metadata-*.whl 2>/dev/null) \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/diffbench-site" || echo "diffusers wheel did not install: comparison skipped"
+fi
+
+# SPEED_TESTS: cuda (default: the CUDA tests; the CPU ones run everywhere), all, or none
+if [ "${SPEED_TESTS:-cuda}" != none ]; then
+  step "tests/test_speed.py on CUDA (SPEED_TESTS=${SPEED_TESTS:-cuda})"
+  if [ "${SPEED_TESTS:-cuda}" = all ]; then sel=(); else sel=(-k cuda); fi
+  timeout 120 $PY -m pytest tests/test_speed.py -x -q -p no:cacheprovider "${sel[@]}" || { echo "!!! speed tests failed"; status=1; }
+fi
+
+step "ablation -> $DEST"
+timeout 270 $PY benchmarks/speed_ablation.py --device cuda --out "$DEST" || { echo "!!! ablation failed or ran out of time"; status=1; }
+
+step "targets: sampling-loop overhead (batch 512) and the diffusers comparison"
+timeout 120 $PY benchmarks/speed_ablation.py --device cuda --out "$DEST" --no-ablation --targets \
+  || { echo "!!! targets failed or ran out of time"; status=1; }
+
+step "tables"
+$PY - "$DEST" <<'PY' || status=1
+import sys
+from bench_core.records import load_records
+from bench_core.report.leaderboard import markdown_table, records_df
+from reproductions.speed import SPEED_REPRO
+df = records_df(load_records(sys.argv[1]))
+parts = []
+for title, t in SPEED_REPRO.tables(df).items():
+    parts += [f"#### {title}", "", markdown_table(t), ""]
+for c in SPEED_REPRO.claims():
+    r = c.check(df.copy())
+    parts.append(f"- {c.id}: **{r.status}** - {r.ours}")
+text = "\n".join(parts) + "\n"
+open(f"{sys.argv[1]}/tables.md", "w").write(text)
+print(text)
+PY
+step "done (status $status)"
+exit $status
