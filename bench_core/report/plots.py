@@ -98,7 +98,7 @@ def plot_fid_vs_nfe(lb, outdir: Path) -> list[Path]:
     paths = []
     for group in dict.fromkeys(lb["group"]):
         g = lb[(lb["group"] == group) & (lb["nfe"] > 0)]
-        if g.empty:
+        if len(g) < 2:  # one point is no curve: the leaderboard has its number
             continue
         # FID does not depend on the device: pool device rows of one configuration
         pts = g.groupby(["sampler", "steps"], as_index=False)[["nfe", "fid"]].mean()
@@ -128,7 +128,7 @@ def plot_fid_vs_latency(lb, outdir: Path) -> list[Path]:
     paths = []
     for group in dict.fromkeys(lb["group"]):
         g = lb[(lb["group"] == group) & (lb["sec_per_batch"] > 0)]
-        if g.empty:
+        if len(g) < 2:
             continue
         multi_device = g["device_name"].nunique() > 1
         series = (g["sampler"] + " @ " + g["device_name"]) if multi_device else g["sampler"]
