@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,21 @@ def _load_suite(name):
         return None
 
 
+def _dry_run(args, suite, out: Path) -> int:
+    """List the runs, their NFE and an estimate of the time; nothing is trained, sampled or written."""
+    from .dryrun import format_plan, plan
+    from .train import default_cache_dir
+
+    history = [Path(p) for p in (args.history or ["results"])] + [out]
+    rows = plan(suite, device=args.device, cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+                history=[p for p in history if p.exists()])
+    print(f"suite {suite.name} ({suite.source}), dry run: nothing is trained, sampled or written")
+    from .measure import resolve_device
+
+    print(format_plan(rows, str(resolve_device(args.device))))
+    return 0
+
+
 def cmd_run(args) -> int:
     from .suite import PreflightError, run_suite
 
@@ -44,13 +60,24 @@ def cmd_run(args) -> int:
     if args.inception_weights and not Path(args.inception_weights).exists():
         print(f"error: Inception weights file {args.inception_weights} does not exist", file=sys.stderr)
         return 2
-    print(f"suite {suite.name}: {len(suite.runs)} runs from {suite.source} -> {out}/records.jsonl")
+    if args.dry_run:
+        return _dry_run(args, suite, out)
+    from .distributed import DistributedError, init_from_env
+
+    dist = init_from_env(args.device)  # launched by torchrun: join the group; only rank 0 prints and writes
+    if dist is not None and not dist.is_main:
+        args.no_report, sys.stdout = True, open(os.devnull, "w")
+    print(f"suite {suite.name}: {len(suite.runs)} runs from {suite.source} -> {out}/records.jsonl"
+          + (f" ({dist.world_size} ranks, {dist.backend})" if dist is not None else ""))
     try:
         summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
                             progress=not args.no_progress, inception_weights=args.inception_weights)
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"error: distributed run failed: {e}", file=sys.stderr)
+        return 1
     print(f"done: {summary['ran']} ran ({summary['ok']} ok, {summary['diverged']} diverged, "
           f"{summary['error']} error), {summary['skipped']} skipped; records: {summary['records']}")
     if not args.no_report:
@@ -162,6 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="do not write the report and leaderboard at the end")
     r.add_argument("--strict", action="store_true", help="exit with status 1 if any run recorded an error")
+    r.add_argument("--dry-run", action="store_true", help="list the runs, their NFE and an estimate of the run time "
+                   "(from earlier records of the same models), then stop")
+    r.add_argument("--history", nargs="+", default=None, help="records used for the --dry-run time estimate "
+                   "(default: results/ and --out)")
     r.set_defaults(fn=cmd_run)
 
     lb = sub.add_parser("leaderboard", help="rank comparable sampler configurations by FID")

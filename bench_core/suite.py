@@ -357,6 +357,9 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
     counter = NFECounter(lm.denoiser)
     seeds = [sample_seed(run.seed, i) for i in range(run.num_samples)]
     batches = [seeds[i:i + run.batch_size] for i in range(0, len(seeds), run.batch_size)]
+    from .distributed import capture_errors, current, merge_run
+    dist = current()  # torchrun: this rank draws a contiguous block of the same batches (bench_core/distributed.py)
+    mine = list(range(len(batches))) if dist is None else dist.shard(len(batches))
 
     batch_cond = getattr(lm, "batch_cond", None)
     decode = getattr(lm, "decode", None)
@@ -374,10 +377,14 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         out = spec.fn(counter, x, sigmas, generator=noise, cond=cond_for(b), **run.sampler_opts)
         return out if decode is None else decode(out)  # e.g. latents -> images, inside the timed region
 
-    with torch.no_grad():
+    times, outs, calls, peak, grad_evals0 = [], [], 0, None, 0.0
+    with torch.no_grad(), capture_errors(dist) as local:
+        b0 = mine[0] if mine else None
+        if b0 is None:  # more ranks than batches: this rank has nothing to draw
+            raise _NoBatches
         # warm-up: one denoiser call at the batch size (allocations, lazy init), not counted
-        xw = torch.zeros((len(batches[0]), *lm.sample_shape), device=device)
-        dw = lm.denoiser(xw, sigmas[:1].expand(len(xw)), **cond_for(0))
+        xw = torch.zeros((len(batches[b0]), *lm.sample_shape), device=device)
+        dw = lm.denoiser(xw, sigmas[:1].expand(len(xw)), **cond_for(b0))
         if decode is not None:
             decode(dw)
         synchronize(device)
@@ -385,12 +392,13 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         grad_evals0 = float(getattr(lm.denoiser, "grad_evals", 0))
         times, outs, calls = [], [], 0
         peak = None
-        for b, bs in enumerate(batches):
-            ctx = PeakMemory(device) if b == 0 else contextlib.nullcontext()
+        for b in mine:
+            bs = batches[b]
+            ctx = PeakMemory(device) if b == b0 else contextlib.nullcontext()
             with ctx as pm, Stopwatch(device) as sw:
                 out = draw(b)
             dt = sw.elapsed
-            if b == 0:
+            if b == b0:
                 peak = pm
             calls += 1
             if len(bs) == run.batch_size or len(batches) == 1:
@@ -400,22 +408,37 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
                 on_batch(run.steps * len(bs))
         for _ in range(run.timing_repeats):  # extra timed repeats of the first batch
             with Stopwatch(device) as sw:
-                draw(0)
+                draw(b0)
             times.append(sw.elapsed)
             calls += 1
+    nfe_count, grad_count = counter.count, float(getattr(lm.denoiser, "grad_evals", 0)) - grad_evals0
+    peak_mb, peak_method = (peak.peak_mb, peak.method) if peak else (None, "")
+    if dist is not None:  # every rank's samples, counts and timings to rank 0; only rank 0 goes on
+        err = None if local.error is None or isinstance(local.error, _NoBatches) else local.error
+        merged = merge_run(dist, {"outs": outs, "times": times, "calls": calls, "nfe": nfe_count, "grad": grad_count,
+                                  "peak_mb": peak_mb, "peak_method": peak_method, "batch_size": run.batch_size,
+                                  "error": None if err is None else f"{type(err).__name__}: {err}"})
+        if merged is None:
+            return None
+        outs, times, calls, nfe_count, grad_count = (merged[k] for k in ("outs", "times", "calls", "nfe", "grad"))
+        peak_mb, peak_method = merged["peak_mb"], merged["peak_method"]
     samples = torch.cat(outs)
     sec = float(torch.tensor(times, dtype=torch.float64).quantile(0.5))  # the median of the timed batches
+    if dist is not None:
+        sec = merged["sec"]  # the slowest rank's median batch time
     r = Record(
         suite=run.suite, entry=run.entry, reproduction=run.reproduction, model=run.model,
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
-        grid=dict(run.grid), steps=run.steps, nfe=counter.count / calls,
-        grad_evals=(float(getattr(lm.denoiser, "grad_evals", 0)) - grad_evals0) / calls,
+        grid=dict(run.grid), steps=run.steps, nfe=nfe_count / calls,
+        grad_evals=grad_count / calls,
         num_samples=run.num_samples, batch_size=run.batch_size, seed=run.seed, dtype=lm.dtype,
         sec_per_batch=sec, samples_per_sec=run.batch_size / sec if sec > 0 else None, timing_repeats=len(times),
-        peak_mem_mb=peak.peak_mb if peak else None, peak_mem_method=peak.method if peak else "",
+        peak_mem_mb=peak_mb, peak_mem_method=peak_method,
         train_sec=lm.train_sec, device=device.type, device_name=device_name(device),
         git_sha=rec.git_sha(), versions=rec.versions(), timestamp=rec.now(),
     )
+    if dist is not None:
+        r.metrics.update(merged["metrics"])
     ds_kind = metrics.data(lm.dataset, lm.dataset_opts).kind
     r.preview = _preview(samples, ds_kind) if torch.isfinite(samples[:PREVIEW_POINTS]).all() else None
     if not torch.isfinite(samples).all():
@@ -434,6 +457,10 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         else:
             r.metrics[k] = v
     return r
+
+
+class _NoBatches(Exception):
+    """A rank of a distributed run with no batch to draw (more ranks than batches)."""
 
 
 def error_record(run: Run, device: torch.device, err: BaseException, model_hash: str = "") -> Record:
@@ -462,11 +489,18 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
     from .measure import resolve_device
     from .train import default_cache_dir
 
+    from .distributed import DistributedError, current
+
     dev = resolve_device(device)
+    dist = current()  # torchrun: only rank 0 writes; see bench_core/distributed.py
+    if dist is not None:
+        dev, progress = dist.device(dev), progress and dist.is_main
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     out = Path(out_dir)
     store = RecordStore(out / "records.jsonl")
     done = store.done_keys() if resume else set()
+    if dist is not None and not dist.is_main:
+        store.append = lambda record: None  # rank 0 writes every record
     todo = [r for r in suite.runs if r.key() not in done]
     # preflight: every model's data and cached checkpoint, before anything is run or written
     problems = []
@@ -478,7 +512,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
     # Denormal floats (e.g. SiLU of large negative activations) slow CPU kernels by ~20 %; flushing them
     # to zero changes no result above 1e-38.  See README, "Measurement protocol".
     torch.set_flush_denormal(True)
-    if not resume and store.path.exists() and store.path.stat().st_size > 0:
+    if (dist is None or dist.is_main) and not resume and store.path.exists() and store.path.stat().st_size > 0:
         backup = store.path.with_name(f"records-{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")
         store.path.rename(backup)
         log(f"note: {out} already held records; moved them to {backup.name} (use --resume to keep and skip them)")
@@ -500,8 +534,11 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
             rep = reproductions.get(rep_name)
             t_load = time.perf_counter()
             try:
-                lm = rep.load_model(model, runs[0].model_overrides, device=dev, cache_dir=cache / "checkpoints",
-                                    progress=progress)
+                lm = (dist.rank0_first if dist is not None else lambda f, _: f())(  # rank 0 trains, then the others load
+                    lambda: rep.load_model(model, runs[0].model_overrides, device=dev, cache_dir=cache / "checkpoints",
+                                           progress=progress), f"loading {rep_name}/{model}")
+            except DistributedError:
+                raise
             except Exception as err:  # the model could not be trained/loaded: every run of it fails
                 log(f"error: {rep_name}/{model}: {type(err).__name__}: {err}")
                 for r in runs:
@@ -519,11 +556,15 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
                 try:
                     record = run_one(r, lm, metrics, dev, on_batch=bar.update)
                     lm.train_sec = None  # training time is reported once, on the first record after training
+                except DistributedError:
+                    raise  # a rank died or timed out: stop, with no record for this run
                 except Exception as err:
                     record = error_record(r, dev, err, lm.model_hash)
                     record.error += "\n" + "".join(traceback.format_exception(err)[-3:])[:1500]
                     log(f"error in {r.entry} ({r.sampler} S={r.steps}): {type(err).__name__}: {err}")
                 bar.update(max(0, r.work() - (bar.n - before)))
+                if record is None:  # not rank 0 of a distributed run: rank 0 writes the record
+                    continue
                 record.wall_sec = time.perf_counter() - t0
                 store.append(record)
                 summary[record.status] += 1

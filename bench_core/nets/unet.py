@@ -55,9 +55,19 @@ class UNetConfig:
     scale_shift_norm: bool = False  # ADM adaptive group norm
     resblock_updown: bool = False  # ADM / BigGAN up- and downsampling residual blocks
     attn_impl: str = "sdpa"  # "naive" | "chunked" | "sdpa"; runtime choice, not part of the architecture
+    # Compatibility switches for imported checkpoints (bench_core.nets.diffusers_import); none adds or
+    # renames a parameter.  Left out of to_dict()/arch_dict() while at their defaults (COMPAT_DEFAULTS),
+    # so the dicts and config hashes of every existing config are unchanged.
+    time_flip_sin_to_cos: bool = False  # timestep embedding as [cos, sin] instead of [sin, cos]
+    time_freq_shift: float = 1.0  # frequencies exp(-ln(1e4) * i / (dim/2 - shift)); 1 = DDPM
+    downsample_padding: int = 1  # strided-conv downsample: 1 = pad 1 all round; 0 = pad right/bottom by 1 (TF "SAME")
+    norm_eps: float = 1e-6  # GroupNorm epsilon
 
     # Fields that change how the network computes, not what it is (excluded from arch_dict()).
     RUNTIME_FIELDS = ("attn_impl",)
+    # Architecture fields omitted from to_dict()/arch_dict() while they hold these defaults.
+    COMPAT_DEFAULTS = {"time_flip_sin_to_cos": False, "time_freq_shift": 1.0, "downsample_padding": 1,
+                       "norm_eps": 1e-6}
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -66,6 +76,8 @@ class UNetConfig:
             self.out_channels = self.in_channels
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {self.attn_impl!r}")
+        if self.downsample_padding not in (0, 1):
+            raise ValueError(f"downsample_padding must be 0 or 1, got {self.downsample_padding!r}")
         down = 2 ** (len(self.ch_mult) - 1)
         if self.resolution % down:
             raise ValueError(
@@ -73,8 +85,12 @@ class UNetConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (tuples as lists) for YAML and hashing."""
+        """Plain dict (tuples as lists) for YAML and hashing; compatibility fields at their
+        defaults are left out (see COMPAT_DEFAULTS)."""
         d = dataclasses.asdict(self)
+        for k, default in self.COMPAT_DEFAULTS.items():
+            if d[k] == default:
+                del d[k]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     def arch_dict(self) -> dict[str, Any]:
@@ -128,8 +144,8 @@ def num_groups(channels: int, norm_groups: int) -> int:
     return g
 
 
-def group_norm(channels: int, norm_groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups(channels, norm_groups), channels, eps=1e-6)
+def group_norm(channels: int, norm_groups: int, eps: float = 1e-6) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups(channels, norm_groups), channels, eps=eps)
 
 
 def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
@@ -194,29 +210,42 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool = False, scale: Tensor |
     return F.silu(h)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of real t (Vaswani et al. 2017, as in DDPM's get_timestep_embedding)."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0) -> Tensor:
+    """Sinusoidal embedding of real t (Vaswani et al. 2017, as in DDPM's get_timestep_embedding).
+
+    Frequencies ``exp(-ln(max_period) * i / (dim // 2 - freq_shift))``; ``[sin, cos]`` halves, or
+    ``[cos, sin]`` with ``flip_sin_to_cos``.  The defaults are DDPM's."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
-        / max(half - 1, 1)
+        / max(half - freq_shift, 1)
     )
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    emb = torch.cat([torch.cos(args), torch.sin(args)] if flip_sin_to_cos else [torch.sin(args), torch.cos(args)],
+                    dim=1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
 
 
 class Downsample(nn.Module):
-    """Halve the resolution: strided 3x3 conv, or 2x2 average pooling."""
+    """Halve the resolution: strided 3x3 conv, or 2x2 average pooling.
 
-    def __init__(self, channels: int, with_conv: bool):
+    ``padding=0`` pads the conv's input by one on the right and bottom only (TensorFlow's "SAME" for
+    stride 2, as the original DDPM code and diffusers' ``downsample_padding=0``)."""
+
+    def __init__(self, channels: int, with_conv: bool, padding: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if with_conv else None
+        self.asym_pad = with_conv and padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding) if with_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x) if self.conv is not None else F.avg_pool2d(x, 2)
+        if self.conv is None:
+            return F.avg_pool2d(x, 2)
+        if self.asym_pad:
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
 
 
 class Upsample(nn.Module):
@@ -235,14 +264,14 @@ class ResBlock(nn.Module):
     """Residual block with time embedding (DDPM); optional AdaGN and up/down (ADM)."""
 
     def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, norm_groups: int,
-                 scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+                 scale_shift_norm: bool = False, up: bool = False, down: bool = False, norm_eps: float = 1e-6):
         super().__init__()
         self.scale_shift_norm = scale_shift_norm
         self.fused_norm_act = False  # runtime: GroupNorm+SiLU as one kernel (see norm_act)
-        self.norm1 = group_norm(in_ch, norm_groups)
+        self.norm1 = group_norm(in_ch, norm_groups, norm_eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift_norm else out_ch)
-        self.norm2 = group_norm(out_ch, norm_groups)
+        self.norm2 = group_norm(out_ch, norm_groups, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -279,14 +308,14 @@ class AttnBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int, norm_groups: int, impl: str = "sdpa",
-                 chunk: int = DEFAULT_ATTN_CHUNK):
+                 chunk: int = DEFAULT_ATTN_CHUNK, norm_eps: float = 1e-6):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
         self.impl = impl
         self.chunk = int(chunk)
-        self.norm = group_norm(channels, norm_groups)
+        self.norm = group_norm(channels, norm_groups, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -366,10 +395,11 @@ class UNet(nn.Module):
             return c // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
 
         def res(i: int, o: int, **kw) -> ResBlock:
-            return ResBlock(i, o, emb_dim, cfg.dropout, G, cfg.scale_shift_norm, **kw)
+            return ResBlock(i, o, emb_dim, cfg.dropout, G, cfg.scale_shift_norm, norm_eps=cfg.norm_eps, **kw)
 
         def attn(c: int, r: int) -> AttnBlock | None:
-            return AttnBlock(c, heads(c), G, cfg.attn_impl) if r in cfg.attn_resolutions else None
+            return (AttnBlock(c, heads(c), G, cfg.attn_impl, norm_eps=cfg.norm_eps)
+                    if r in cfg.attn_resolutions else None)
 
         # Timestep (and label) embedding.
         self.temb = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -388,13 +418,13 @@ class UNet(nn.Module):
                 if cfg.resblock_updown:
                     self.down.append(res(cur, cur, down=True))
                 else:
-                    self.down.append(Downsample(cur, cfg.resamp_with_conv))
+                    self.down.append(Downsample(cur, cfg.resamp_with_conv, cfg.downsample_padding))
                 r //= 2
                 skip_chs.append(cur)
 
         # Middle.
         self.mid = nn.ModuleList([
-            res(cur, cur), AttnBlock(cur, heads(cur), G, cfg.attn_impl), res(cur, cur)
+            res(cur, cur), AttnBlock(cur, heads(cur), G, cfg.attn_impl, norm_eps=cfg.norm_eps), res(cur, cur)
         ])
 
         # Decoder.
@@ -412,7 +442,7 @@ class UNet(nn.Module):
         assert not skip_chs
 
         # Output.
-        self.norm_out = group_norm(cur, G)
+        self.norm_out = group_norm(cur, G, cfg.norm_eps)
         self.conv_out = nn.Conv2d(cur, cfg.out_channels, 3, padding=1)
         self.fused_norm_act = False  # runtime: norm_out + SiLU as one kernel
 
@@ -456,7 +486,8 @@ class UNet(nn.Module):
 
     def embed(self, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Time embedding MLP(sinusoid(t)), plus the label embedding when class-conditional."""
-        emb = self.temb(timestep_embedding(t, self.cfg.ch).to(self.conv_in.weight.dtype))
+        emb = self.temb(timestep_embedding(t, self.cfg.ch, flip_sin_to_cos=self.cfg.time_flip_sin_to_cos,
+                                           freq_shift=self.cfg.time_freq_shift).to(self.conv_in.weight.dtype))
         if self.label_emb is not None:
             if y is None:  # unconditional: the null label
                 y = torch.full_like(t, self.cfg.num_classes, dtype=torch.long)
