@@ -16,6 +16,7 @@ arithmetic on the CPU (``torch._int_mm``); records say which ran (``metrics.quan
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -138,8 +139,9 @@ class QDiffusion(Reproduction):
             cache = CheckpointCache(cache_dir)
             try:
                 meta = cache.load(calib_hash, qnet)
-            except CheckpointError:
-                meta = None  # a stale calibration is recomputed and overwritten
+            except CheckpointError as e:  # derived data, seconds to redo: recompute and overwrite, and say so
+                warnings.warn(f"qdiffusion/{model}: cached calibration unusable, recalibrating: {e}")
+                meta = None
             if meta is None:  # not cached (or stale): calibrate now
                 t0 = time.perf_counter()
                 with torch.random.fork_rng():

@@ -315,3 +315,21 @@ def test_claims_from_records():
                     "qd-int8-real": "not run"}
     tables = rep.tables(df)
     assert len(tables) == 1 and len(next(iter(tables.values()))) == 5
+
+
+def test_corrupted_calibration_cache_is_recomputed_with_a_warning(tmp_path):
+    import reproductions
+
+    rep = reproductions.get("qdiffusion")
+    ov = {"base_overrides": {"train": {"steps": 3, "warmup": 1, "batch_size": 8}},
+          "quant": {"calib_sampler_steps": 4, "n_calib": 8}}
+    cache = tmp_path / "ckpt"
+    first = rep.load_model("digits-w8a8-naive", ov, device="cpu", cache_dir=cache, progress=False)
+    calib = [p for p in cache.glob("*.pt") if p.stem == first.extra["calib_hash"]]
+    assert len(calib) == 1
+    calib[0].write_bytes(calib[0].read_bytes()[:64])  # truncated
+    with pytest.warns(UserWarning, match="recalibrating"):
+        again = rep.load_model("digits-w8a8-naive", ov, device="cpu", cache_dir=cache, progress=False)
+    x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 5.0])
+    with torch.no_grad():
+        assert torch.allclose(first.denoiser(x, s), again.denoiser(x, s), atol=1e-5)
