@@ -98,28 +98,14 @@ def _nothing_to_train(run) -> bool:
         return False
 
 
-def _history(paths: list[Path]) -> list[dict]:
-    out = []
-    for p in paths:
-        files = [p] if p.is_file() else sorted(p.rglob("records.jsonl")) if p.is_dir() else []
-        for f in files:
-            for line in f.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if r.get("status") == "ok":
-                    out.append(r)
-    return out
-
-
 def plan(suite, *, device: str, cache_dir, history: list[Path]) -> list[PlannedRun]:
     from .measure import resolve_device
+    from .records import load_records
     from .train import CheckpointCache
 
     dev = resolve_device(device).type
     cache = CheckpointCache(Path(cache_dir) / "checkpoints")
-    recs = _history(history)
+    recs = [r for r in load_records(*history) if r.get("status") == "ok"]
     per_nfe: dict[tuple, list[float]] = {}   # (model_hash, device, batch) -> seconds per NFE on one batch
     trained: dict[str, float] = {}
     for r in recs:
@@ -141,12 +127,10 @@ def plan(suite, *, device: str, cache_dir, history: list[Path]) -> list[PlannedR
         batches = math.ceil(run.num_samples / run.batch_size)
         spn = per_nfe.get((run.model_hash, run.batch_size))
         sample_sec = sorted(spn)[len(spn) // 2] * nfe * batches if spn else None
-        train_sec = None
+        train_sec = 0.0  # a model's training is counted on its first run
         if run.model_hash not in seen_models:
             train_sec = 0.0 if cached else trained.get(run.model_hash)
             seen_models.add(run.model_hash)
-        else:
-            train_sec = 0.0
         rows.append(PlannedRun(run.entry, f"{run.reproduction}/{run.model}", run.model_hash, run.sampler,
                                run.grid.get("kind", "uniform"), run.steps, run.num_samples, run.batch_size, nfe,
                                exact, cached, sample_sec, train_sec))

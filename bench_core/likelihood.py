@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from .samplers import dopri5
+from .samplers import dopri5, prob_flow_rhs
 from .seeding import SampleNoise, randn_like
 
 
@@ -71,8 +71,7 @@ def ode_log_likelihood(denoiser, x: Tensor, *, sigma_min: float | None = None, s
     if trace not in ("hutchinson", "exact"):
         raise ValueError(f"unknown trace {trace!r}; use 'hutchinson' or 'exact'")
 
-    def f(x_, u):
-        return x_ - denoiser(x_, u.exp(), **cond)
+    f = prob_flow_rhs(denoiser, cond)
 
     def rhs(y, u):
         """Augmented ODE: d/du (x, Delta) = (f(x, u), div f(x, u))."""

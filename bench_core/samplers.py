@@ -321,11 +321,15 @@ _PRED_OPTS = {"form": Opt(str, "sigma", choices=("sigma", "vp"),
                   paper="score_sde", stochastic=True)
 def sample_reverse_diffusion(denoiser, x, sigmas, *, generator=None, cond=None, form="sigma"):
     """Reverse-diffusion predictor, Song et al. 2021, App. E Eq. 46; last step x0 = D(x, eps)."""
-    cond = cond or {}
+    return _predictor_only("reverse_diffusion", denoiser, x, sigmas, generator, cond or {}, form)
+
+
+def _predictor_only(kind, denoiser, x, sigmas, generator, cond, form):
+    """A predictor over the grid, then the final denoising step x0 = D(x, eps)."""
     for i in range(len(sigmas) - 1):
         s_t, s_s = sigmas[i], sigmas[i + 1]
         if s_s > 0:
-            x = _predictor("reverse_diffusion", denoiser, x, s_t, s_s, generator, cond, form)
+            x = _predictor(kind, denoiser, x, s_t, s_s, generator, cond, form)
         else:
             x = denoiser(x, _sig(s_t, x), **cond)
     return x
@@ -336,14 +340,7 @@ def sample_reverse_diffusion(denoiser, x, sigmas, *, generator=None, cond=None, 
                   paper="score_sde", stochastic=True)
 def sample_ancestral(denoiser, x, sigmas, *, generator=None, cond=None, form="sigma"):
     """Ancestral predictor, Song et al. 2021, Eq. 47 (VE form; VP form = DDPM with sigma^2 = beta); last step x0 = D(x, eps)."""
-    cond = cond or {}
-    for i in range(len(sigmas) - 1):
-        s_t, s_s = sigmas[i], sigmas[i + 1]
-        if s_s > 0:
-            x = _predictor("ancestral", denoiser, x, s_t, s_s, generator, cond, form)
-        else:
-            x = denoiser(x, _sig(s_t, x), **cond)
-    return x
+    return _predictor_only("ancestral", denoiser, x, sigmas, generator, cond or {}, form)
 
 
 _CORR_OPTS = {

@@ -361,15 +361,14 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
     dist = current()  # torchrun: this rank draws a contiguous block of the same batches (bench_core/distributed.py)
     mine = list(range(len(batches))) if dist is None else dist.shard(len(batches))
 
-    batch_cond = getattr(lm, "batch_cond", None)
-    decode = getattr(lm, "decode", None)
+    decode = lm.decode
 
     def cond_for(b: int) -> dict:
         """lm.cond plus the per-sample conditioning of batch b (from the samples' indices)."""
-        if batch_cond is None:
+        if lm.batch_cond is None:
             return lm.cond
         idx = torch.arange(b * run.batch_size, b * run.batch_size + len(batches[b]), device=device)
-        return {**lm.cond, **batch_cond(idx)}
+        return {**lm.cond, **lm.batch_cond(idx)}
 
     def draw(b: int):
         noise = SampleNoise(batches[b], device)
@@ -423,9 +422,8 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         outs, times, calls, nfe_count, grad_count = (merged[k] for k in ("outs", "times", "calls", "nfe", "grad"))
         peak_mb, peak_method = merged["peak_mb"], merged["peak_method"]
     samples = torch.cat(outs)
-    sec = float(torch.tensor(times, dtype=torch.float64).quantile(0.5))  # the median of the timed batches
-    if dist is not None:
-        sec = merged["sec"]  # the slowest rank's median batch time
+    # the median of the timed batches; distributed: the slowest rank's median
+    sec = merged["sec"] if dist is not None else float(torch.tensor(times, dtype=torch.float64).quantile(0.5))
     r = Record(
         suite=run.suite, entry=run.entry, reproduction=run.reproduction, model=run.model,
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
@@ -533,10 +531,12 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
         for (rep_name, model, _), runs in groups.items():
             rep = reproductions.get(rep_name)
             t_load = time.perf_counter()
-            try:
-                lm = (dist.rank0_first if dist is not None else lambda f, _: f())(  # rank 0 trains, then the others load
-                    lambda: rep.load_model(model, runs[0].model_overrides, device=dev, cache_dir=cache / "checkpoints",
-                                           progress=progress), f"loading {rep_name}/{model}")
+
+            def load():
+                return rep.load_model(model, runs[0].model_overrides, device=dev, cache_dir=cache / "checkpoints",
+                                      progress=progress)
+            try:  # distributed: rank 0 trains (or loads) first, then the others load from the cache
+                lm = load() if dist is None else dist.rank0_first(load, f"loading {rep_name}/{model}")
             except DistributedError:
                 raise
             except Exception as err:  # the model could not be trained/loaded: every run of it fails

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import statistics
 import sys
 import time
 import traceback
@@ -258,7 +259,7 @@ def sampler_overhead(writer, device, batch, repeats):
                     t_bare += time_fn(bare, warmup=1, repeats=1, device=device)["all"]
                     t_run += time_fn(run, warmup=0, repeats=1, device=device)["all"]
             t_bare.sort(), t_run.sort()
-            med = lambda v: v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])  # noqa: E731
+            med = statistics.median
             ratio = med(t_run) / med(t_bare)
             meta.update(nfe=counter.count, sec_bare_calls=med(t_bare), sec_sample=med(t_run),
                         sec_per_call=med(t_bare) / counter.count, overhead_ratio=ratio, target=1.02,

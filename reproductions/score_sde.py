@@ -189,19 +189,17 @@ class ScoreSDE(Reproduction):
             return self._load_gmm(cfg, h, device)
         net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
         cache = CheckpointCache(cache_dir)
+        data = load_dataset(cfg.dataset, **cfg.dataset_opts)
 
         def train_fn(net):
-            data = load_dataset(cfg.dataset, **cfg.dataset_opts)
             stats = train(net, dsm_loss(cfg.sde, cfg.t_scale), data.x, cfg.train, progress=progress,
                           desc=f"train {self.name}/{model}", device=device)
             return {"config": asdict(cfg), **stats}
 
         meta, trained_now = cache.load_or_train(h, net, train_fn)
         net = net.to(device).eval()
-        for p in net.parameters():
-            p.requires_grad_(False)
+        net.requires_grad_(False)
         den = SDEEpsDenoiser(net, cfg.sde, cfg.t_scale).to(device)
-        data = load_dataset(cfg.dataset, **cfg.dataset_opts)
         mm = {"sde": cfg.sde.kind, **_cached_bits_per_dim(den, data, cfg.likelihood, h, cache_dir)}
         return LoadedModel(den, h, cfg.dataset, tuple(data.sample_shape), dataset_opts=dict(cfg.dataset_opts),
                            train_sec=meta.get("train_sec") if trained_now else None, model_metrics=mm,
@@ -295,7 +293,7 @@ def sampler_table(df) -> list[dict]:
             r = g[g["sampler"] == samp]
             line[fam] = f"{r['fid'].mean():.2f} (NFE {r['nfe'].mean():.0f})" if len(r) else "—"
         out.append(line)
-    out.append({"model": "paper (CIFAR-10 VE, ≈)", "N": 1000, **{k: v for k, v in PAPER_SAMPLERS.items()}})
+    out.append({"model": "paper (CIFAR-10 VE, ≈)", "N": 1000, **PAPER_SAMPLERS})
     return out
 
 

@@ -340,8 +340,9 @@ class SohlDickstein(Reproduction):
     def cached_modules(self, model, overrides, cfg):
         from bench_core.data import load_dataset
 
-        dim = load_dataset(cfg.dataset, **cfg.dataset_opts).x.shape[1]
-        return [(self.model_hash(model, overrides), lambda: KernelMLP(dim, cfg.net))]
+        # the data's dimension is read only when a cached checkpoint is there to check
+        return [(self.model_hash(model, overrides),
+                 lambda: KernelMLP(load_dataset(cfg.dataset, **cfg.dataset_opts).x.shape[1], cfg.net))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         from bench_core.data import load_dataset
@@ -455,7 +456,7 @@ def _rows(df):
         return None
     d = d[d["metrics"].map(lambda m: isinstance(m, dict) and "K_bits" in m and "gauss_baseline_mmd" in m
                            and "sliced_wasserstein" in m)]
-    d = d[d["sampler"] == "sohl_dickstein"] if (d["sampler"] == "sohl_dickstein").any() else d.iloc[0:0]
+    d = d[d["sampler"] == "sohl_dickstein"]
     return d if len(d) else None
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 
 from bench_core.accel import AccelOptions, accelerated_denoiser
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
+from reproductions.ddpm import DDPM_REPRO
 
 
 @dataclass
@@ -141,10 +142,6 @@ class Speed(Reproduction):
     models = MODELS  # trained DDPM networks under speed options; the ablation itself: benchmarks/speed_ablation.py
 
     def check_config(self, model, cfg):
-        from reproductions.ddpm import DDPM_REPRO
-
-        if isinstance(cfg.options, dict):  # YAML overrides of the options' fields
-            cfg.options = AccelOptions(**{**MODELS[model].options.to_dict(), **cfg.options})
         errs = DDPM_REPRO.override_errors(cfg.base_model, cfg.base_overrides)
         if errs:
             raise ValueError(f"{self.name}/{model}: base_model {cfg.base_model!r}: " + "; ".join(errs))
@@ -152,19 +149,10 @@ class Speed(Reproduction):
 
     def model_hash(self, model, overrides):
         """The base model's hash: the weights are the ddpm reproduction's (the options change no parameter)."""
-        from reproductions.ddpm import DDPM_REPRO
-
         cfg = self.model_config(model, overrides)
         return DDPM_REPRO.model_hash(cfg.base_model, cfg.base_overrides)
 
-    def required_datasets(self, cfg):
-        from reproductions.ddpm import DDPM_REPRO
-
-        return DDPM_REPRO.required_datasets(DDPM_REPRO.model_config(cfg.base_model, cfg.base_overrides))
-
     def preflight(self, model, overrides, *, cache_dir):
-        from reproductions.ddpm import DDPM_REPRO
-
         cfg = self.model_config(model, overrides)
         problems = DDPM_REPRO.preflight(cfg.base_model, cfg.base_overrides, cache_dir=cache_dir)
         if cfg.options.cuda_only() and not _cuda():
@@ -173,8 +161,6 @@ class Speed(Reproduction):
         return problems
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
-        from reproductions.ddpm import DDPM_REPRO
-
         cfg = self.model_config(model, overrides)
         base = DDPM_REPRO.load_model(cfg.base_model, cfg.base_overrides, device=device, cache_dir=cache_dir,
                                      progress=progress)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..denoiser import bcast, expand_sigma
 from .unet import ResBlock, group_norm, timestep_embedding
 
 
@@ -66,11 +67,8 @@ class NoisyClassifier(nn.Module):
         self.head = nn.Linear(cur, cfg.num_classes)
 
     def forward(self, x: Tensor, sigma: Tensor | float) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        if sigma.ndim == 0:
-            sigma = sigma.expand(x.shape[0])
-        sigma = sigma.reshape(x.shape[0])
-        c_in = (1.0 / (1.0 + sigma**2).sqrt()).reshape(-1, 1, 1, 1)
+        sigma = expand_sigma(sigma, x)
+        c_in = bcast(1.0 / (1.0 + sigma**2).sqrt(), x)
         c_noise = self.cfg.t_scale * sigma.log() / 4
         emb = self.temb(timestep_embedding(c_noise, self.cfg.ch).to(self.conv_in.weight.dtype))
         h = self.conv_in((x * c_in).to(self.conv_in.weight.dtype))
@@ -90,7 +88,7 @@ def noisy_classifier_loss(sigmas: Tensor):
         t = torch.randint(0, sigmas.shape[0], (x0.shape[0],), generator=generator)
         n = torch.randn(x0.shape, generator=generator).to(x0.device)
         s = sigmas[t].to(x0.device, x0.dtype)
-        x = x0 + s.reshape(-1, *([1] * (x0.ndim - 1))) * n
+        x = x0 + bcast(s, x0) * n
         return F.cross_entropy(model(x, s), y)
 
     return loss_fn

@@ -180,13 +180,16 @@ def _fused_norm_act_fn():
             _FUSED_NORM_ACT["fn"] = torch.compile(_group_norm_silu, dynamic=True)
             _FUSED_NORM_ACT["backend"] = "inductor"
         except Exception as e:  # noqa: BLE001 - no compiler backend: say so and run unfused
-            import warnings
-
-            warnings.warn(f"fused GroupNorm+SiLU: torch.compile unavailable ({type(e).__name__}: {e}); "
-                          "running the unfused eager ops instead")
-            _FUSED_NORM_ACT["fn"] = _group_norm_silu
-            _FUSED_NORM_ACT["backend"] = "eager-fallback"
+            _fused_fallback(f"torch.compile unavailable ({type(e).__name__}: {e})")
     return _FUSED_NORM_ACT["fn"]
+
+
+def _fused_fallback(reason: str) -> None:
+    """From now on the 'fused' GroupNorm+SiLU runs the eager ops; warn once with the reason."""
+    import warnings
+
+    warnings.warn(f"fused GroupNorm+SiLU: {reason}; running the unfused eager ops instead")
+    _FUSED_NORM_ACT.update(fn=_group_norm_silu, backend="eager-fallback")
 
 
 def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool = False, scale: Tensor | None = None,
@@ -198,11 +201,7 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool = False, scale: Tensor |
         except Exception as e:  # noqa: BLE001 - a compile failure at the first call: fall back, loudly
             if _FUSED_NORM_ACT["backend"] != "inductor":
                 raise
-            import warnings
-
-            warnings.warn(f"fused GroupNorm+SiLU: compiling failed ({type(e).__name__}: {str(e)[:200]}); "
-                          "running the unfused eager ops instead")
-            _FUSED_NORM_ACT.update(fn=_group_norm_silu, backend="eager-fallback")
+            _fused_fallback(f"compiling failed ({type(e).__name__}: {str(e)[:200]})")
             return _group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
     h = norm(x)
     if scale is not None:
