@@ -232,10 +232,9 @@ class ConsistencyPrecond(EDMPrecond):
     def coefficients(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in, c_noise) of Song et al. 2023, App. C."""
         sd, eps = self.sigma_data, self.eps
+        _, _, c_in, c_noise = super().coefficients(sigma)  # c_in and c_noise as in EDM
         c_skip = sd**2 / ((sigma - eps) ** 2 + sd**2)
         c_out = sd * (sigma - eps) / (sd**2 + sigma**2).sqrt()
-        c_in = 1.0 / (sigma**2 + sd**2).sqrt()
-        c_noise = sigma.log() / 4
         return c_skip, c_out, c_in, c_noise
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:

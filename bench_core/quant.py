@@ -460,15 +460,16 @@ def _run(net: nn.Module, calib: CalibSet, batch: int = 256) -> None:
             net(calib.x[i:i + batch], calib.t[i:i + batch])
 
 
-def _capture(net: nn.Module, layer: QuantLayer, calib: CalibSet, idx: Tensor | None = None) -> Tensor:
-    """The inputs ``layer`` receives when ``net`` runs on the calibration set (or its rows ``idx``)."""
-    layer.record = []
-    sub = calib if idx is None else CalibSet(calib.x[idx], calib.t[idx], calib.step[idx], calib.steps_total)
+def _capture(net: nn.Module, layers: list[QuantLayer], calib: CalibSet) -> list[Tensor]:
+    """The inputs each of ``layers`` receives when ``net`` runs once on the calibration set."""
+    for m in layers:
+        m.record = []
     try:
-        _run(net, sub)
-        return torch.cat(layer.record)
+        _run(net, calib)
+        return [torch.cat(m.record) for m in layers]
     finally:
-        layer.record = None
+        for m in layers:
+            m.record = None
 
 
 def _set_quant(net: nn.Module, weights: bool | None = None, acts: bool | None = None) -> None:
@@ -487,24 +488,16 @@ def calibrate_activations(qnet: nn.Module, calib: CalibSet, method: str) -> None
     if not layers:
         return
     _set_quant(qnet, acts=False)
-    for m in layers:
-        m.record = []
-    try:
-        _run(qnet, calib)
-        g = torch.Generator().manual_seed(0)
-        for m in layers:
-            x = torch.cat(m.record)
-            lohi = []
-            for sl in _group_slices(m.groups):
-                xg = x[:, sl].reshape(-1)
-                if xg.numel() > m.record_limit:  # a random subsample keeps the search cheap (min/max kept)
-                    keep = torch.randint(0, xg.numel(), (m.record_limit,), generator=g)
-                    xg = torch.cat([xg[keep], xg.min()[None], xg.max()[None]])
-                lohi.append(act_range(xg, m.a_bits, method))
-            m.set_act_range(torch.tensor(lohi))
-    finally:
-        for m in layers:
-            m.record = None
+    g = torch.Generator().manual_seed(0)
+    for m, x in zip(layers, _capture(qnet, layers, calib)):
+        lohi = []
+        for sl in _group_slices(m.groups):
+            xg = x[:, sl].reshape(-1)
+            if xg.numel() > m.record_limit:  # a random subsample keeps the search cheap (min/max kept)
+                keep = torch.randint(0, xg.numel(), (m.record_limit,), generator=g)
+                xg = torch.cat([xg[keep], xg.min()[None], xg.max()[None]])
+            lohi.append(act_range(xg, m.a_bits, method))
+        m.set_act_range(torch.tensor(lohi))
     _set_quant(qnet, acts=True)
 
 
@@ -592,28 +585,18 @@ def adaround_layer(m: QuantLayer, x_q: Tensor, x_fp: Tensor, cfg: QuantConfig) -
 def adaround(qnet: nn.Module, fp_net: nn.Module, calib: CalibSet, cfg: QuantConfig) -> list[dict]:
     """AdaRound every weight-quantized layer in forward order.  The layer's inputs come from ``qnet``
     (earlier layers quantized, activation quantization off), its target from the full-precision net."""
-    fp_layers = dict(fp_net.named_modules())
     _set_quant(qnet, acts=False)
     stats = []
     fp_q = wrap_layers(fp_net, QuantConfig(w_bits=FLOAT_BITS, a_bits=FLOAT_BITS, split_shortcut=False,
                                            rounding="nearest", calib="naive"))
-    fp_q_layers = dict(fp_q.named_modules())
     order = _forward_order(qnet, calib)
     # the full-precision layers' inputs (for the targets), all in one pass
-    for name in order:
-        fp_q_layers[name].record = []
-    try:
-        _run(fp_q, calib)
-        inputs = {name: torch.cat(fp_q_layers[name].record) for name in order}
-    finally:
-        for name in order:
-            fp_q_layers[name].record = None
+    inputs = dict(zip(order, _capture(fp_q, [fp_q.get_submodule(name) for name in order], calib)))
     for name in order:
         m = qnet.get_submodule(name)
         if not m.quant_w or cfg.adaround_iters == 0:
             continue
-        assert name in fp_layers
-        x_q = _capture(qnet, m, calib)
+        (x_q,) = _capture(qnet, [m], calib)
         st = adaround_layer(m, x_q, inputs.pop(name), cfg)
         stats.append({"layer": name, **st})
     _set_quant(qnet, acts=True)
@@ -694,7 +677,7 @@ class Int8Layer(nn.Module):
         self.conv_args = dict(q.conv_args) if q.kind == "conv" else {}
         self.k = tuple(q.weight.shape[2:]) if q.kind == "conv" else ()
         self.bias = None if q.bias is None else q.bias.detach().clone()
-        self.w_mats, self.w_rowsum, self.out_scale, self.s_in, self.z_in = [], [], [], [], []
+        self.w_mats, self.zp_rowsum, self.out_scale, self.s_in, self.z_in = [], [], [], [], []
         w_int = q.w_int.round().to(torch.int32)
         c0 = 0
         for g, (n, (lo, hi)) in enumerate(zip(self.groups, q.a_lohi.tolist())):
@@ -704,8 +687,8 @@ class Int8Layer(nn.Module):
                 wg = wg.permute(0, 2, 3, 1)
             wg = wg.reshape(w_int.shape[0], -1)                        # (out, K_g)
             self.w_mats.append(wg.to(torch.int8).t().contiguous())     # (K_g, out)
-            self.w_rowsum.append(wg.sum(1))                            # (out,) int32
-            self.out_scale.append(s * q.w_scale[:, g].double())        # (out,)  s_g * s_w[:, g]
+            self.zp_rowsum.append((z - 128) * wg.sum(1))               # (out,) int32: zero point x weight row sums
+            self.out_scale.append((s * q.w_scale[:, g].double()).float())  # (out,)  s_g * s_w[:, g]
             self.s_in.append(s)
             self.z_in.append(z - 128)
             c0 += n
@@ -739,7 +722,7 @@ class Int8Layer(nn.Module):
         B = x.shape[0]
         y = None
         c0 = 0
-        for n, W, rs, osc, s, zp in zip(self.groups, self.w_mats, self.w_rowsum, self.out_scale, self.s_in, self.z_in):
+        for n, W, zrs, osc, s, zp in zip(self.groups, self.w_mats, self.zp_rowsum, self.out_scale, self.s_in, self.z_in):
             xg = x[:, c0:c0 + n]
             c0 += n
             q = (torch.clamp(torch.round(xg / s) + (zp + 128), 0, 255) - 128).to(torch.int8)
@@ -747,8 +730,8 @@ class Int8Layer(nn.Module):
                 cols, Ho, Wo = self._im2col(q, zp)
             else:
                 cols = q
-            acc = torch._int_mm(cols, W) - zp * rs                  # (M, out) int32
-            part = acc.float() * osc.float()
+            acc = torch._int_mm(cols, W) - zrs                      # (M, out) int32
+            part = acc.float() * osc
             y = part if y is None else y + part
         if self.bias is not None:
             y = y + self.bias

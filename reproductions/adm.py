@@ -33,7 +33,7 @@ from bench_core.nets.unet import UNet
 from bench_core.schedules import alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
-from reproductions.ddpm import DDPM, DDPM_REPRO, MODELS as DDPM_MODELS, DDPMConfig, config_dict
+from reproductions.ddpm import DDPM, DDPM_REPRO, MODELS as DDPM_MODELS, DDPMConfig, config_dict, l_simple
 
 
 @dataclass
@@ -84,18 +84,7 @@ _ABL = _ablation_repro()
 
 def cfg_loss(abar: torch.Tensor, p_uncond: float, null_label: int):
     """L_simple with the label replaced by the null label with probability p_uncond (Ho & Salimans 2022, Alg. 1)."""
-
-    def loss_fn(model, x0, y, generator):
-        T = abar.shape[0]
-        t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-        drop = (torch.rand(x0.shape[0], generator=generator) < p_uncond).to(x0.device)
-        y_in = torch.where(drop, torch.full_like(y, null_label), y)
-        a = abar.to(x0.device, torch.float32)[t].reshape(-1, *([1] * (x0.ndim - 1)))
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        return ((eps - model(x_t, t.float(), y_in)) ** 2).mean()
-
-    return loss_fn
+    return l_simple(abar, p_uncond, null_label)
 
 
 def class_accuracy_metric(num_classes: int = 10):

@@ -51,16 +51,23 @@ MODELS: dict[str, DDPMConfig] = {
 }
 
 
-def l_simple(abar: torch.Tensor):
-    """L_simple, Ho et al. 2020, Eq. 14: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2."""
+def l_simple(abar: torch.Tensor, p_uncond: float | None = None, null_label: int | None = None):
+    """L_simple, Ho et al. 2020, Eq. 14: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2.
+
+    With ``p_uncond``: a class-conditional model whose label is replaced by ``null_label`` with that probability
+    (classifier-free guidance training, Ho & Salimans 2022, Alg. 1)."""
 
     def loss_fn(model, x0, y, generator):
         T = abar.shape[0]
         t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
         eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        args = ()
+        if p_uncond is not None:
+            drop = (torch.rand(x0.shape[0], generator=generator) < p_uncond).to(x0.device)
+            args = (torch.where(drop, torch.full_like(y, null_label), y),)
         a = abar.to(x0.device, torch.float32)[t].reshape(-1, *([1] * (x0.ndim - 1)))
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        return ((eps - model(x_t, t.float())) ** 2).mean()
+        return ((eps - model(x_t, t.float(), *args)) ** 2).mean()
 
     return loss_fn
 
