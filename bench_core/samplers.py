@@ -155,19 +155,18 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, cond=None, eta=0.0):
     sigma_t(eta) = eta sqrt((1-abar_s)/(1-abar_t)) sqrt(1-abar_t/abar_s) becomes, divided by
     sqrt(abar_s), sigma_up = eta * sigma_s * sqrt(1 - sigma_s^2/sigma_t^2); then
     x_s = x0 + sqrt(sigma_s^2 - sigma_up^2) * eps + sigma_up * z with eps = (x_t - x0)/sigma_t.
+    The step to sigma_s = 0 needs no branch (sigma_up = 0 and x_s = x0 exactly), so with eta = 0 the loop
+    never reads a grid value on the host (a CUDA graph can capture it).
     """
     cond = cond or {}
     for i in range(len(sigmas) - 1):
         s_t, s_s = sigmas[i], sigmas[i + 1]
         x0 = denoiser(x, _sig(s_t, x), **cond)
         eps = (x - x0) / s_t
-        if s_s > 0:
-            s_up = (eta * s_s * (1 - s_s**2 / s_t**2).clamp(min=0).sqrt()).clamp(max=s_s)
-            x = x0 + (s_s**2 - s_up**2).sqrt() * eps
-            if eta > 0:
-                x = x + s_up * randn_like(x, generator)
-        else:
-            x = x0
+        s_up = (eta * s_s * (1 - s_s**2 / s_t**2).clamp(min=0).sqrt()).clamp(max=s_s)
+        x = x0 + (s_s**2 - s_up**2).sqrt() * eps
+        if eta > 0 and s_s > 0:  # (eta = 0 never reads s_s on the host)
+            x = x + s_up * randn_like(x, generator)
     return x
 
 

@@ -3,9 +3,12 @@
 # for steps 2-3 (most of it torch.compile, cuDNN autotuning and graph capture), 1.5-2 more for the tests
 # (SPEED_TESTS=none skips them):
 #   1. the CUDA speed tests (tests/test_speed.py -k cuda: every option equals the reference; CUDA graphs),
-#   2. the ablation of benchmarks/speed_ablation.py (3 networks x 2 batches x 10 option sets),
-#   3. the issue's GPU targets: sampling-loop overhead at batch 512 (digits U-Net) and, when diffusers is
-#      importable, our DDPM CIFAR-10 U-Net (bf16, every option) against diffusers' UNet2DModel + torch.compile.
+#   2. the ablation of benchmarks/speed_ablation.py (3 networks x 2 batches x 11 option sets),
+#   3. the issue's GPU targets: sampling-loop overhead at batch 512 (digits U-Net; eager, per-call CUDA graph,
+#      whole loop as one graph) and, when diffusers is importable, our DDPM CIFAR-10 U-Net (bf16, every option,
+#      without and with whole-network torch.compile) against diffusers' UNet2DModel + torch.compile.
+# The timings above are from the H100 run before the Triton kernel set, the whole-loop graph and the compiled
+# comparison were added (those are not yet run on a GPU).
 # Records (labelled with the GPU's name) go to $OUT/speed/gpu/records.jsonl ($OUT defaults to results), and the
 # regenerated tables to $OUT/speed/gpu/tables.md.  Every step has its own time limit; a step that fails or runs
 # out of time leaves the records written so far and the script goes on (exit status 1 at the end).

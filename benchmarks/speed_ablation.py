@@ -39,6 +39,7 @@ against diffusers' ``UNet2DModel`` of the same configuration with torch.compile,
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import statistics
@@ -52,7 +53,7 @@ from pathlib import Path
 import torch
 
 from bench_core.accel import (
-    NETWORKS, AccelOptions, CUDAGraphed, ablation_options, accelerated_denoiser, apply, random_weights_,
+    NETWORKS, AccelOptions, CUDAGraphed, CUDAGraphSampler, ablation_options, accelerated_denoiser, apply, random_weights_,
     relative_error, tolerance,
 )
 from bench_core.denoiser import NFECounter
@@ -194,7 +195,7 @@ def run_network(name, sizes, device, writer, sets, warmup, attn_chunk):
                 sec_per_call=r["call"]["median"], sec_per_call_all=r["call"]["all"], call_repeats=r["call"]["repeats"],
                 rel_err=r["err"], tolerance=tol, equal_within_tol=bool(r["err"] <= tol),
                 peak_mem_mb_call=r["peak"], peak_mem_mb_sample=r.get("peak_sample"),
-                fused_norm_act_backend=fused_norm_act_backend() if opts.fused_norm_act else "",
+                fused_norm_act_backend=_norm_act_backend(opts),
                 wall_s=time.perf_counter() - t0,
             )
             samp = r.get("sample")
@@ -214,6 +215,13 @@ def run_network(name, sizes, device, writer, sets, warmup, attn_chunk):
         torch.cuda.empty_cache()
 
 
+def _norm_act_backend(opts: AccelOptions) -> str:
+    """Which kernel ran the fused GroupNorm+SiLU: "", "triton" (hand-written), "inductor" or "eager-fallback"."""
+    if not opts.fused_norm_act or opts.compile:
+        return ""
+    return "triton" if opts.norm_act_kernel == "triton" else fused_norm_act_backend()
+
+
 # --------------------------------------------------------------------------------------------
 # GPU targets
 # --------------------------------------------------------------------------------------------
@@ -230,6 +238,7 @@ def sampler_overhead(writer, device, batch, repeats):
     variants = {"eager": AccelOptions(attn="sdpa")}
     if device.type == "cuda":
         variants["cuda_graph"] = AccelOptions(attn="sdpa", cuda_graph=True)
+        variants["cuda_graph_loop"] = AccelOptions(attn="sdpa", cuda_graph=True)  # + the whole loop captured
     for vname, opts in variants.items():
         entry = f"overhead/{name}/b{batch}/{vname}"
         meta = {"kind": "overhead", "network": name, "option_set": vname, "options": opts.to_dict(),
@@ -251,8 +260,13 @@ def sampler_overhead(writer, device, batch, repeats):
                     for x, s in inputs:
                         den(x, s)
 
-                def run():
-                    sample_euler(den, x_T, sig)
+                if vname == "cuda_graph_loop":  # one graph for the whole run, against per-call graph replays
+                    loop = CUDAGraphSampler(sample_euler, accelerated_denoiser(net, opts.replace(cuda_graph=False),
+                                                                               abar, device=device), sig)
+                    meta.update(loop_graph=True, loop_rel_err=relative_error(loop(x_T), sample_euler(den, x_T, sig)))
+                    run = functools.partial(loop, x_T)
+                else:
+                    run = functools.partial(sample_euler, den, x_T, sig)
 
                 t_bare, t_run = [], []
                 for _ in range(repeats):  # alternate, so machine noise hits both alike
@@ -309,13 +323,14 @@ def diffusers_compare(writer, device, batch, repeats, warmup):
     all_opts = ablation_options(device)["all"]
     half = torch.bfloat16
 
-    def ours():
-        acc = apply(random_weights_(UNet(cfg), 0).eval(), all_opts.replace(cuda_graph=False), device=device)
+    def ours(compiled: bool = False):
+        opts = all_opts.replace(compile=compiled)
+        acc = apply(random_weights_(UNet(cfg), 0).eval(), opts.replace(cuda_graph=False), device=device)
         f = (lambda: acc(x, t))
         if all_opts.cuda_graph:
             g = CUDAGraphed(lambda a, b: acc(a, b))
             f = (lambda: g(x, t))
-        return f, count_parameters(acc.net), all_opts.label()
+        return f, count_parameters(acc.net), opts.label()
 
     def theirs(compiled: bool):
         m = diffusers_unet(cfg).eval().to(device=device, dtype=half)
@@ -323,7 +338,8 @@ def diffusers_compare(writer, device, batch, repeats, warmup):
         xt, tt = x.to(half), t.to(half)
         return (lambda: fn(xt, tt).sample), count_parameters(m), "bf16 + torch.compile" if compiled else "bf16 eager"
 
-    for vname, make in (("ours_all", ours), ("diffusers_compile", lambda: theirs(True)),
+    for vname, make in (("ours_all", ours), ("ours_all_compile", lambda: ours(True)),
+                        ("diffusers_compile", lambda: theirs(True)),
                         ("diffusers_eager", lambda: theirs(False))):
         entry = f"compare/{name}/b{batch}/{vname}"
         meta = {"kind": "diffusers", "network": name, "option_set": vname}

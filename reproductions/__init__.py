@@ -46,7 +46,8 @@ class LoadedModel:
     train_sec: float | None = None  # wall time of training, None when loaded from the cache
     dataset_opts: dict = field(default_factory=dict)  # options of the dataset (e.g. resolution)
     cond: dict = field(default_factory=dict)
-    # metrics of the model itself (e.g. a variational bound or bits/dim), copied into every record's `metrics`
+    # metrics of the model itself (e.g. a variational bound or bits/dim), copied into every record's `metrics`;
+    # the key "model_label" names a variant of one preset (e.g. "scale=2") in the leaderboard's model column
     model_metrics: dict = field(default_factory=dict)
     # paper-specific metrics of the samples: fn(samples: Tensor on CPU) -> dict, merged into `metrics`
     sample_metrics: Callable[[Any], dict] | None = None
@@ -71,6 +72,11 @@ class Reproduction:
 
     def model_hash(self, model: str, overrides: dict) -> str:
         """The checkpoint-cache key of a model preset with overrides (cheap: no training)."""
+        return self.hash_config(self.model_config(model, overrides))
+
+    def hash_config(self, cfg) -> str:
+        """The checkpoint-cache key of a finished config (``model_config``'s result): ``load_model``, which
+        has the config already, calls this rather than building it again through ``model_hash``."""
         raise NotImplementedError
 
     def model_config(self, model: str, overrides: dict | None = None):
@@ -137,6 +143,28 @@ class Reproduction:
     def plots(self, df, outdir) -> list:
         """Paper-specific plots regenerated from records; returns the written paths."""
         return []
+
+
+# --- records -----------------------------------------------------------------------------------------
+def ok_rows(df, *present: str, **eq):
+    """Records (a DataFrame) with status ok, a value (not None/NaN) in every column named in ``present``, and the
+    given column values; ``opt_<key>=v`` and ``grid_<key>=v`` match one key of ``sampler_opts`` / ``grid``.
+    None or an empty frame is returned as it is."""
+    if df is None or len(df) == 0:
+        return df
+    m = df["status"] == "ok"
+    for c in present:
+        m &= df[c].notna()
+    for k, v in eq.items():
+        if k.startswith("opt_"):
+            key = k[4:]
+            m &= df["sampler_opts"].map(lambda o: isinstance(o, dict) and o.get(key) == v)
+        elif k.startswith("grid_"):
+            key = k[5:]
+            m &= df["grid"].map(lambda o: isinstance(o, dict) and o.get(key) == v)
+        else:
+            m &= df[k] == v
+    return df[m]
 
 
 def unet_config_hash(family: str, cfg) -> str:

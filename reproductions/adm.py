@@ -32,8 +32,8 @@ from bench_core.nets.classifier import ClassifierConfig, NoisyClassifier, noisy_
 from bench_core.nets.unet import UNet
 from bench_core.schedules import alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
-from reproductions.ddpm import DDPM, DDPM_REPRO, MODELS as DDPM_MODELS, DDPMConfig, config_dict, l_simple
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
+from reproductions.ddpm import DDPM, MODELS as DDPM_MODELS, DDPMConfig, BuiltOnDDPM, config_dict, l_simple
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _labels_cond(num_classes: int):
     return lambda idx: {"y": balanced_labels(idx, num_classes)}
 
 
-class ADM(Reproduction):
+class ADM(BuiltOnDDPM, Reproduction):
     name = "adm"
     title = "Dhariwal & Nichol 2021 — Diffusion Models Beat GANs on Image Synthesis"
     paper_url = "https://arxiv.org/abs/2105.05233"
@@ -116,12 +116,8 @@ class ADM(Reproduction):
         if isinstance(cfg, GuidedConfig):
             if cfg.scale < 0:
                 raise ValueError(f"scale: the guidance scale must be >= 0, got {cfg.scale}")
-            if cfg.base_model not in DDPM_REPRO.models:
-                raise ValueError(f"base_model: unknown ddpm preset {cfg.base_model!r} (known: {', '.join(DDPM_REPRO.models)})")
-            errs = DDPM_REPRO.override_errors(cfg.base_model, cfg.base_overrides)
-            if errs:
-                raise ValueError("base_overrides: " + "; ".join(errs))
-            base = DDPM_REPRO.model_config(cfg.base_model, cfg.base_overrides)
+            self.check_base(cfg)
+            base = self.base_config(cfg)
             if base.unet.resolution != cfg.classifier.resolution or base.unet.in_channels != cfg.classifier.in_channels:
                 raise ValueError("classifier: its resolution and channels must match the base model's U-Net")
         elif isinstance(cfg, CFGConfig):
@@ -133,11 +129,8 @@ class ADM(Reproduction):
                 raise ValueError("ddpm.unet.num_classes must be set for classifier-free guidance")
         return cfg
 
-    def _base_cfg(self, cfg: GuidedConfig) -> DDPMConfig:
-        return DDPM_REPRO.model_config(cfg.base_model, cfg.base_overrides)
-
     def classifier_hash(self, cfg: GuidedConfig) -> str:
-        base = self._base_cfg(cfg)
+        base = self.base_config(cfg)
         return config_hash({"family": "noisy-classifier"}, asdict(cfg.classifier), cfg.classifier_train,
                            {"dataset": base.dataset, "dataset_opts": base.dataset_opts, "T": base.T,
                             "beta_schedule": base.beta_schedule, "beta_1": base.beta_1, "beta_T": base.beta_T,
@@ -147,28 +140,25 @@ class ADM(Reproduction):
         return config_hash({"family": "ddpm-eps-cfg", "p_uncond": cfg.p_uncond},
                            unet_config_hash("ddpm-eps", cfg.ddpm))
 
-    def model_hash(self, model, overrides):
-        cfg = self.model_config(model, overrides)
+    def hash_config(self, cfg):
         if isinstance(cfg, GuidedConfig):
-            base_h = DDPM_REPRO.model_hash(cfg.base_model, cfg.base_overrides)
-            return config_hash({"family": "adm-guided"}, base_h, self.classifier_hash(cfg), float(cfg.scale))
+            return config_hash({"family": "adm-guided"}, self.base_hash(cfg), self.classifier_hash(cfg), float(cfg.scale))
         if isinstance(cfg, CFGConfig):
             return config_hash({"family": "cfg"}, self._cfg_ckpt_hash(cfg), float(cfg.guidance_weight))
-        return _ABL.model_hash(model, overrides)
+        return _ABL.hash_config(cfg)
 
+    # preflight: a guided model's base model (its dataset, which the classifier trains on too, and its
+    # checkpoint) is checked by BuiltOnDDPM.preflight; these are the other models' and the classifier's
     def required_datasets(self, cfg):
         if isinstance(cfg, GuidedConfig):
-            b = self._base_cfg(cfg)
-            return [(b.dataset, dict(b.dataset_opts))]
+            return []
         if isinstance(cfg, CFGConfig):
             return [(cfg.ddpm.dataset, dict(cfg.ddpm.dataset_opts))]
         return [(cfg.dataset, dict(cfg.dataset_opts))]
 
     def cached_modules(self, model, overrides, cfg):
         if isinstance(cfg, GuidedConfig):
-            base = self._base_cfg(cfg)
-            return [(DDPM_REPRO.model_hash(cfg.base_model, cfg.base_overrides), lambda: UNet(base.unet)),
-                    (self.classifier_hash(cfg), lambda: NoisyClassifier(cfg.classifier))]
+            return [(self.classifier_hash(cfg), lambda: NoisyClassifier(cfg.classifier))]
         if isinstance(cfg, CFGConfig):
             return [(self._cfg_ckpt_hash(cfg), lambda: UNet(cfg.ddpm.unet))]
         return _ABL.cached_modules(model, overrides, cfg)
@@ -178,7 +168,7 @@ class ADM(Reproduction):
         """The noise-aware classifier (trained once, cached by config hash); returns (net, meta, trained_now)."""
         from bench_core.data import load_dataset
 
-        base = self._base_cfg(cfg)
+        base = self.base_config(cfg)
         abar = alphas_cumprod(base.betas()).double()
         sigmas = ((1 - abar) / abar).sqrt().float()  # the DDPM training grid's noise levels
         net = seeded_init(lambda: NoisyClassifier(cfg.classifier), cfg.classifier_train.seed)
@@ -196,14 +186,14 @@ class ADM(Reproduction):
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         cfg = self.model_config(model, overrides)
-        h = self.model_hash(model, overrides)
+        h = self.hash_config(cfg)
         if isinstance(cfg, GuidedConfig):
-            base = DDPM_REPRO.load_model(cfg.base_model, cfg.base_overrides, device=device, cache_dir=cache_dir,
-                                         progress=progress)
+            base = self.load_base(cfg, device=device, cache_dir=cache_dir, progress=progress)
             clf, meta, trained_now = self.load_classifier(cfg, device=device, cache_dir=cache_dir, progress=progress)
             den = ClassifierGuidance(base.denoiser, clf, cfg.scale)
             train_sec = (base.train_sec or 0.0) + (meta.get("train_sec", 0.0) if trained_now else 0.0)
-            mm = {"guidance_scale": float(cfg.scale), "classifier_heldout_accuracy": meta.get("heldout_accuracy"),
+            mm = {"guidance_scale": float(cfg.scale), "model_label": f"scale={cfg.scale:g}",
+                  "classifier_heldout_accuracy": meta.get("heldout_accuracy"),
                   "classifier_heldout_accuracy_low_noise": meta.get("heldout_accuracy_low_noise")}
             return LoadedModel(den, h, base.dataset, base.sample_shape,
                                train_sec=train_sec if (trained_now or base.train_sec) else None,
@@ -235,8 +225,9 @@ class ADM(Reproduction):
         net = net.to(device).eval()
         den = ClassifierFreeGuidance(DiscreteVPEpsDenoiser(net, abar).to(device), cfg.guidance_weight, null_label=K)
         shape = (d.unet.in_channels, d.unet.resolution, d.unet.resolution)
+        mm = {"guidance_weight": float(cfg.guidance_weight), "model_label": f"w={cfg.guidance_weight:g}"}
         return LoadedModel(den, h, d.dataset, shape, train_sec=meta.get("train_sec") if trained_now else None,
-                           dataset_opts=dict(d.dataset_opts), model_metrics={"guidance_weight": float(cfg.guidance_weight)},
+                           dataset_opts=dict(d.dataset_opts), model_metrics=mm,
                            sample_metrics=class_accuracy_metric(K), batch_cond=_labels_cond(K))
 
     # --- tables, plots, claims -------------------------------------------------------------------------
@@ -331,7 +322,7 @@ def guidance_sweep(df, model: str, col: str, numeric: bool = False) -> pd.DataFr
     """One row per guidance value of the largest comparable group (sampler, steps, grid, n, extractor)."""
     if df is None or len(df) == 0:
         return pd.DataFrame()
-    d = df[(df["status"] == "ok") & (df["reproduction"] == "adm") & (df["model"] == model)].copy()
+    d = ok_rows(df, reproduction="adm", model=model).copy()
     if len(d) == 0:
         return pd.DataFrame()
     d[col] = _metric(d, col)
@@ -357,10 +348,15 @@ def guidance_sweep(df, model: str, col: str, numeric: bool = False) -> pd.DataFr
     return show.reset_index(drop=True)
 
 
+def _ablation_rows(df):
+    d = ok_rows(df, reproduction="adm")
+    return d[d["model"].isin(list(ABLATION))]
+
+
 def ablation_table(df) -> pd.DataFrame:
     if df is None or len(df) == 0:
         return pd.DataFrame()
-    d = df[(df["status"] == "ok") & (df["reproduction"] == "adm") & df["model"].isin(list(ABLATION))]
+    d = _ablation_rows(df)
     if len(d) == 0:
         return pd.DataFrame()
     rows = []
@@ -375,7 +371,7 @@ def ablation_table(df) -> pd.DataFrame:
 def _check_ablation(df) -> ClaimResult:
     if df is None or len(df) == 0:
         return ClaimResult("not run", "no ablation records")
-    d = df[(df["status"] == "ok") & (df["reproduction"] == "adm") & df["model"].isin(list(ABLATION))]
+    d = _ablation_rows(df)
     pairs = []
     for (sampler, steps, n), g in d.groupby(["sampler", "steps", "num_samples"]):
         fid = g.groupby("model")["fid"].mean()

@@ -27,7 +27,7 @@ from bench_core.denoiser import ConsistencyPrecond
 from bench_core.nets.unet import UNet, UNetConfig
 from bench_core.schedules import karras_grid
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
 from reproductions.ddpm import config_dict
 from reproductions.edm import EDM_REPRO, MODELS as EDM_MODELS, EDMConfig
 
@@ -179,8 +179,7 @@ class Consistency(Reproduction):
             raise ValueError(f"{self.name}/{model}: loss must be one of {LOSSES}, got {cfg.loss!r}")
         return cfg
 
-    def model_hash(self, model: str, overrides: dict) -> str:
-        cfg = self.model_config(model, overrides)
+    def hash_config(self, cfg: ConsistencyConfig) -> str:
         d = asdict(cfg)
         d["unet"] = cfg.net_config().arch_dict()
         if cfg.mode == "cd":
@@ -200,7 +199,7 @@ class Consistency(Reproduction):
             cfg.dataset, dict(cfg.dataset_opts))]
 
     def cached_modules(self, model, overrides, cfg):
-        mods = [(self.model_hash(model, overrides), lambda: self.build(cfg))]
+        mods = [(self.hash_config(cfg), lambda: self.build(cfg))]
         if cfg.mode == "cd":
             mods.append((EDM_REPRO.hash_config(cfg.teacher), lambda: EDM_REPRO.build(cfg.teacher)))
         return mods
@@ -209,7 +208,7 @@ class Consistency(Reproduction):
         from bench_core.data import load_dataset
 
         cfg = self.model_config(model, overrides)
-        h = self.model_hash(model, overrides)
+        h = self.hash_config(cfg)
         f = seeded_init(lambda: self.build(cfg), cfg.train.seed)
         cache = CheckpointCache(cache_dir)
         teacher_sec = 0.0
@@ -273,8 +272,7 @@ class Consistency(Reproduction):
 def _cm_records(df):
     if df is None or len(df) == 0 or "status" not in df:
         return None
-    d = df[(df["status"] == "ok") & df["fid"].notna() & (df["reproduction"] == "consistency")
-           & (df["sampler"] == "consistency")]
+    d = ok_rows(df, "fid", reproduction="consistency", sampler="consistency")
     if len(d) == 0:
         return None
     key = d["fid_extractor"].astype(str) + "|" + d["num_samples"].astype(str)
@@ -339,8 +337,7 @@ def _check_vs_euler(df) -> ClaimResult:
         cells = cm_cells(df)
         if ("cd", 1) not in cells:
             return ClaimResult("not run", "no 1-step CD record")
-        e = df[(df["status"] == "ok") & df["fid"].notna() & (df["reproduction"] == "edm") & (df["model"] == "digits")
-               & (df["sampler"] == "euler") & (df["nfe"] == 1)]
+        e = ok_rows(df, "fid", reproduction="edm", model="digits", sampler="euler", nfe=1)
         if len(e) == 0:
             return ClaimResult("not run", "no 1-step Euler record of the EDM teacher (reproduction edm, model digits)")
         fe, fc = float(e["fid"].mean()), cells[("cd", 1)]

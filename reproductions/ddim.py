@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bench_core.records import decode_preview
-from reproductions import Claim, ClaimResult, Reproduction, register
+from reproductions import Claim, ClaimResult, Reproduction, ok_rows, register
 from reproductions.ddpm import DDPM_REPRO
 
 S_COLUMNS = (10, 20, 50, 100, 1000)
@@ -47,8 +47,7 @@ def table1_cells(df, model: str = "digits", skip: str = "uniform") -> dict:
     out = {}
     if df is None or len(df) == 0:
         return out
-    d = df[(df["status"] == "ok") & (df["model"] == model) & df["fid"].notna()]
-    d = d[d["grid"].map(lambda g: isinstance(g, dict) and g.get("kind") == skip)]
+    d = ok_rows(df, "fid", model=model, grid_kind=skip)
     if len(d) == 0:
         return out
     # a table compares only like with like: keep the largest comparable group (extractor, n samples)
@@ -174,9 +173,7 @@ def _preview(df, row: str, S: int, seed: int = 0):
     """The preview samples of the Table-1 row at S (uniform timesteps, digits model), or None."""
     if df is None or len(df) == 0:
         return None
-    d = df[(df["status"] == "ok") & (df["model"] == "digits") & df["preview"].notna() & (df["steps"] == S)
-           & (df["seed"] == seed)]
-    d = d[d["grid"].map(lambda g: isinstance(g, dict) and g.get("kind") == "uniform")]
+    d = ok_rows(df, "preview", model="digits", steps=S, seed=seed, grid_kind="uniform")
     if len(d) == 0:
         return None
     d = d[_row_mask(d, row)]
@@ -186,8 +183,7 @@ def _preview(df, row: str, S: int, seed: int = 0):
 def _preview_distance(df, row: str, S_a: int, S_b: int):
     if df is None or len(df) == 0:
         return None
-    d = df[(df["status"] == "ok") & (df["model"] == "digits") & df["preview"].notna()]
-    d = d[d["grid"].map(lambda g: isinstance(g, dict) and g.get("kind") == "uniform")]
+    d = ok_rows(df, "preview", model="digits", grid_kind="uniform")
     if len(d) == 0:
         return None
     d = d[_row_mask(d, row)]

@@ -14,7 +14,7 @@ from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.schedules import BETA_SCHEDULES, alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
 
 
 @dataclass
@@ -82,18 +82,18 @@ class DDPM(Reproduction):
     paper_url = "https://arxiv.org/abs/2006.11239"
     models = MODELS
 
-    def model_hash(self, model: str, overrides: dict) -> str:
+    def hash_config(self, cfg: DDPMConfig) -> str:
         """Hash of what determines the trained weights (the U-Net's architecture, not its kernels' choice)."""
-        return unet_config_hash("ddpm-eps", self.model_config(model, overrides))
+        return unet_config_hash("ddpm-eps", cfg)
 
     def cached_modules(self, model, overrides, cfg):
-        return [(self.model_hash(model, overrides), lambda: UNet(cfg.unet))]
+        return [(self.hash_config(cfg), lambda: UNet(cfg.unet))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset
 
         cfg = self.model_config(model, overrides)
-        h = self.model_hash(model, overrides)
+        h = self.hash_config(cfg)
         net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
         abar = alphas_cumprod(cfg.betas())
         cache = CheckpointCache(cache_dir)
@@ -127,26 +127,8 @@ class DDPM(Reproduction):
         return {}
 
 
-def ok_rows(df, **eq):
-    """Records with status ok matching the given column values (sampler_opts matched by key)."""
-    if df is None or len(df) == 0:
-        return df
-    m = df["status"] == "ok"
-    for k, v in eq.items():
-        if k.startswith("opt_"):
-            key = k[4:]
-            m &= df["sampler_opts"].map(lambda o: isinstance(o, dict) and o.get(key) == v)
-        elif k.startswith("grid_"):
-            key = k[5:]
-            m &= df["grid"].map(lambda o: isinstance(o, dict) and o.get(key) == v)
-        else:
-            m &= df[k] == v
-    return df[m]
-
-
 def _check_quality(df) -> ClaimResult:
-    r = ok_rows(df, sampler="ddpm", steps=1000, grid_kind="uniform")
-    r = r[r["model"] == "digits"] if r is not None and len(r) else r
+    r = ok_rows(df, sampler="ddpm", steps=1000, grid_kind="uniform", model="digits")
     if r is None or len(r) == 0:
         return ClaimResult("not run", "no DDPM 1000-step records")
     best = r.loc[r["fid"].idxmin()]
@@ -160,8 +142,7 @@ def _check_quality(df) -> ClaimResult:
 
 
 def _check_variances(df) -> ClaimResult:
-    r = ok_rows(df, sampler="ddpm", steps=1000, grid_kind="uniform")
-    r = r[r["model"] == "digits"] if r is not None and len(r) else r
+    r = ok_rows(df, sampler="ddpm", steps=1000, grid_kind="uniform", model="digits")
     if r is None or len(r) == 0:
         return ClaimResult("not run", "no DDPM 1000-step records")
     by = {o.get("variance"): f for o, f in zip(r["sampler_opts"], r["fid"])}
@@ -173,3 +154,46 @@ def _check_variances(df) -> ClaimResult:
 
 
 DDPM_REPRO = register(DDPM())
+
+
+# --- reproductions built on a trained ddpm model ----------------------------------------------------------
+def base_model_errors(base_model, base_overrides) -> list[str]:
+    """Every problem with a ddpm preset name and its overrides, each naming its field, the value given and what
+    is allowed."""
+    if not isinstance(base_model, str) or base_model not in DDPM_REPRO.models:
+        return [f"base_model: unknown ddpm preset {base_model!r} (known: {', '.join(DDPM_REPRO.models)})"]
+    if not isinstance(base_overrides, dict):
+        return [f"base_overrides: expected a mapping of ddpm config fields, got {type(base_overrides).__name__} "
+                f"{base_overrides!r}"]
+    return [f"base_overrides.{e}" for e in DDPM_REPRO.override_errors(base_model, base_overrides)]
+
+
+class BuiltOnDDPM:
+    """Mixed in before ``Reproduction`` by a reproduction whose config (any config with a ``base_model`` field)
+    builds on a trained ddpm model: ``base_model`` names a ddpm preset, ``base_overrides`` its overrides as in a
+    ddpm suite entry, so that model's checkpoint is reused.  One validation (``check_base``, for
+    ``check_config``), and the base model's config, hash, preflight and loaded model."""
+
+    def check_base(self, cfg) -> None:
+        """Raise ValueError for an unknown base preset or bad base overrides (every problem, one message)."""
+        errs = base_model_errors(cfg.base_model, cfg.base_overrides)
+        if errs:
+            raise ValueError("; ".join(errs))
+
+    def base_config(self, cfg) -> DDPMConfig:
+        return DDPM_REPRO.model_config(cfg.base_model, cfg.base_overrides)
+
+    def base_hash(self, cfg) -> str:
+        return DDPM_REPRO.model_hash(cfg.base_model, cfg.base_overrides)
+
+    def load_base(self, cfg, *, device, cache_dir, progress: bool = True) -> LoadedModel:
+        """The base model from the ddpm checkpoint cache (trained there when missing)."""
+        return DDPM_REPRO.load_model(cfg.base_model, cfg.base_overrides, device=device, cache_dir=cache_dir,
+                                     progress=progress)
+
+    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
+        """The base model's problems (its dataset, its cached checkpoint), then this reproduction's own."""
+        cfg = self.model_config(model, overrides)
+        base = DDPM_REPRO.preflight(cfg.base_model, cfg.base_overrides, cache_dir=cache_dir) \
+            if hasattr(cfg, "base_model") else []
+        return base + super().preflight(model, overrides, cache_dir=cache_dir)

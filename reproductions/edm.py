@@ -22,7 +22,7 @@ import torch
 from bench_core.denoiser import EDMPrecond
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
 from reproductions.ddpm import config_dict
 
 
@@ -83,9 +83,6 @@ class EDM(Reproduction):
     paper_url = "https://arxiv.org/abs/2206.00364"
     models = MODELS
 
-    def model_hash(self, model: str, overrides: dict) -> str:
-        return self.hash_config(self.model_config(model, overrides))
-
     @staticmethod
     def hash_config(cfg: EDMConfig) -> str:
         """Checkpoint key of an EDM config (the U-Net's architecture, not its kernels' choice)."""
@@ -95,7 +92,7 @@ class EDM(Reproduction):
         return EDMPrecond(UNet(cfg.unet), cfg.sigma_data, cfg.sigma_min, cfg.sigma_max, cfg.t_scale)
 
     def cached_modules(self, model, overrides, cfg):
-        return [(self.model_hash(model, overrides), lambda: self.build(cfg))]
+        return [(self.hash_config(cfg), lambda: self.build(cfg))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         cfg = self.model_config(model, overrides)
@@ -211,7 +208,7 @@ def series_label(sampler: str, opts: dict, grid: dict) -> str:
 def _ok(df):
     if df is None or len(df) == 0 or "status" not in df:
         return None
-    d = df[(df["status"] == "ok") & df["fid"].notna()]
+    d = ok_rows(df, "fid")
     return d if len(d) else None
 
 

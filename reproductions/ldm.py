@@ -28,7 +28,7 @@ from bench_core.nets.autoencoder import Autoencoder, AutoencoderConfig, LatentDe
 from bench_core.nets.unet import UNet
 from bench_core.schedules import alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
 from reproductions.ddpm import MODELS as DDPM_MODELS, DDPMConfig, config_dict, l_simple
 
 RESOLUTION = 32
@@ -88,19 +88,16 @@ class LDM(Reproduction):
         return config_hash({"family": "kl-autoencoder"}, asdict(cfg.autoencoder), cfg.ae_train,
                            {"dataset": d.dataset, "dataset_opts": d.dataset_opts})
 
-    def _diffusion_hash(self, cfg: LDMConfig) -> str:
+    def hash_config(self, cfg: LDMConfig) -> str:
         h = unet_config_hash("ddpm-eps", cfg.diffusion)  # pixel space: the same key as a ddpm model
         ae = self.ae_hash(cfg)
         return h if ae is None else config_hash({"family": "ldm-eps"}, ae, h)
-
-    def model_hash(self, model, overrides):
-        return self._diffusion_hash(self.model_config(model, overrides))
 
     def required_datasets(self, cfg):
         return [(cfg.diffusion.dataset, dict(cfg.diffusion.dataset_opts))]
 
     def cached_modules(self, model, overrides, cfg):
-        out = [(self._diffusion_hash(cfg), lambda: UNet(cfg.diffusion.unet))]
+        out = [(self.hash_config(cfg), lambda: UNet(cfg.diffusion.unet))]
         if self.ae_hash(cfg):
             out.append((self.ae_hash(cfg), lambda: Autoencoder(cfg.autoencoder)))
         return out
@@ -133,7 +130,7 @@ class LDM(Reproduction):
 
         cfg = self.model_config(model, overrides)
         d, f = cfg.diffusion, cfg.autoencoder.f
-        h = self._diffusion_hash(cfg)
+        h = self.hash_config(cfg)
         train_sec = 0.0
         decoder, mm = None, {"f": f, "resolution": cfg.autoencoder.resolution}
         if f > 1:
@@ -236,7 +233,7 @@ def ldm_table(df) -> pd.DataFrame:
             "recall", "samples_per_sec", "peak_mem_mb"]
     if df is None or len(df) == 0:
         return pd.DataFrame(columns=cols)
-    d = df[(df["status"] == "ok") & (df["reproduction"] == "ldm") & df["fid"].notna()].copy()
+    d = ok_rows(df, "fid", reproduction="ldm").copy()
     if len(d) == 0:
         return pd.DataFrame(columns=cols)
     key = d["fid_extractor"].astype(str) + "|" + d["num_samples"].astype(str) + "|" + d["fid_reference"].astype(str)

@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from bench_core.denoiser import GMMDenoiser, bcast, expand_sigma
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register, unet_config_hash
-from reproductions.ddpm import ok_rows
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
 from reproductions.sohl_dickstein import _cpu_threads
 
 PAPER_FID, PAPER_IS = 25.32, 8.87  # CIFAR-10 (≈)
@@ -144,8 +143,7 @@ class NCSN(Reproduction):
     paper_url = "https://arxiv.org/abs/1907.05600"
     models = MODELS
 
-    def model_hash(self, model, overrides):
-        cfg = self.model_config(model, overrides)
+    def hash_config(self, cfg):
         if isinstance(cfg, ToyConfig):
             default = ToyConfig()
             return f"exact-{cfg.preset}" + ("" if cfg == default else "-" + config_hash(asdict(cfg))[:8])
@@ -155,14 +153,14 @@ class NCSN(Reproduction):
         return [("gmm2d", {"preset": cfg.preset, "n": 16})] if isinstance(cfg, ToyConfig) else super().required_datasets(cfg)
 
     def cached_modules(self, model, overrides, cfg):
-        return [] if isinstance(cfg, ToyConfig) else [(self.model_hash(model, overrides), lambda: UNet(cfg.unet))]
+        return [] if isinstance(cfg, ToyConfig) else [(self.hash_config(cfg), lambda: UNet(cfg.unet))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         from bench_core.data import load_dataset
         from bench_core.metrics.twod import mode_weights
 
         cfg = self.model_config(model, overrides)
-        h = self.model_hash(model, overrides)
+        h = self.hash_config(cfg)
         if isinstance(cfg, ToyConfig):
             oracle = toy_oracle(cfg)
             centers = oracle.means.float()
@@ -234,7 +232,7 @@ class NCSN(Reproduction):
 def _toy_rows(df, sampler: str | None = None):
     if df is None or len(df) == 0 or "reproduction" not in df:
         return None
-    d = df[(df["reproduction"] == "ncsn") & (df["model"] == "toy") & (df["status"] == "ok")]
+    d = ok_rows(df, reproduction="ncsn", model="toy")
     if len(d) == 0:  # an empty frame's boolean mask would select columns, not rows
         return None
     d = d[d["metrics"].map(lambda m: isinstance(m, dict) and "mode_weights" in m).astype(bool)]

@@ -25,8 +25,8 @@ import torch
 from bench_core import quant as Q
 from bench_core.quant import QuantConfig, QuantizedDenoiser
 from bench_core.train import CheckpointCache, config_hash
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import DDPM_REPRO
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
+from reproductions.ddpm import BuiltOnDDPM
 
 EXECUTIONS = ("simulated", "int8")
 
@@ -77,42 +77,32 @@ PAPER = {
 }
 
 
-class QDiffusion(Reproduction):
+class QDiffusion(BuiltOnDDPM, Reproduction):
     name = "qdiffusion"
     title = "Li et al. 2023 — Q-Diffusion: Quantizing Diffusion Models"
     paper_url = "https://arxiv.org/abs/2302.04304"
     models = MODELS
 
     def check_config(self, model: str, cfg: QDiffusionConfig) -> QDiffusionConfig:
-        """Raise ValueError for an unknown execution or an int8 execution of a config it cannot run
-        (QuantConfig itself rejects unsupported bit widths when the overrides build it)."""
+        """Raise ValueError for a bad base model, an unknown execution or an int8 execution of a config it cannot
+        run (QuantConfig itself rejects unsupported bit widths when the overrides build it)."""
+        self.check_base(cfg)
         if cfg.execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {cfg.execution!r}")
         if cfg.execution == "int8" and (cfg.quant.a_bits != 8 or cfg.quant.w_bits > 8):
             raise ValueError(f"execution 'int8' needs 8-bit activations and <= 8-bit weights, got {cfg.quant.label}")
         return cfg
 
-    def override_errors(self, model: str, overrides: dict) -> list[str]:
-        errs = super().override_errors(model, overrides)  # unknown fields, wrong types, unsupported bit widths
-        if errs:
-            return errs
-        cfg = self.model_config(model, overrides)
-        return [f"base_overrides.{m}" for m in DDPM_REPRO.override_errors(cfg.base_model, cfg.base_overrides)]
-
     def _hashes(self, cfg: QDiffusionConfig) -> tuple[str, str, str]:
         """(base model hash, calibration hash, model hash)."""
-        base = DDPM_REPRO.model_hash(cfg.base_model, cfg.base_overrides)
+        base = self.base_hash(cfg)
         calib = config_hash({"family": "qdiffusion-calib", "version": Q.CALIB_VERSION},
                             {"base": base, "quant": asdict(cfg.quant)})
         model = config_hash({"family": "qdiffusion"}, {"calib": calib, "execution": cfg.execution})
         return base, calib, model
 
-    def model_hash(self, model: str, overrides: dict) -> str:
-        return self._hashes(self.model_config(model, overrides))[2]
-
-    def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
-        cfg = self.model_config(model, overrides)
-        return DDPM_REPRO.preflight(cfg.base_model, cfg.base_overrides, cache_dir=cache_dir)
+    def hash_config(self, cfg: QDiffusionConfig) -> str:
+        return self._hashes(cfg)[2]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.train import CheckpointError
@@ -123,8 +113,7 @@ class QDiffusion(Reproduction):
             raise RuntimeError("execution 'int8' runs on the CPU (torch._int_mm); use --device cpu or execution 'simulated'")
         base_hash, calib_hash, h = self._hashes(cfg)
         # the full-precision model, from the DDPM checkpoint cache (trained there when missing); calibration on CPU
-        base = DDPM_REPRO.load_model(cfg.base_model, cfg.base_overrides, device=torch.device("cpu"),
-                                     cache_dir=cache_dir, progress=progress)
+        base = self.load_base(cfg, device=torch.device("cpu"), cache_dir=cache_dir, progress=progress)
         q = cfg.quant
         metrics = {"quant_label": q.label, "quant_method": q.method, "quant_w_bits": q.w_bits, "quant_a_bits": q.a_bits,
                    "quant_calib": q.calib, "quant_split": q.split_shortcut, "quant_rounding": q.rounding,
@@ -226,7 +215,7 @@ def _frame(df):
     """ok qdiffusion records with FID, the quantization fields pulled out of ``metrics``."""
     if df is None or len(df) == 0 or "reproduction" not in df:
         return None
-    d = df[(df["reproduction"] == "qdiffusion") & (df["status"] == "ok") & df["fid"].notna()].copy()
+    d = ok_rows(df, "fid", reproduction="qdiffusion").copy()
     if len(d) == 0:
         return None
     m = d["metrics"].map(lambda x: x if isinstance(x, dict) else {})

@@ -21,8 +21,7 @@ from torch import Tensor
 from bench_core.denoiser import SDEEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
-from reproductions.ddpm import ok_rows
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,8 +165,7 @@ class ScoreSDE(Reproduction):
     paper_url = "https://arxiv.org/abs/2011.13456"
     models = MODELS
 
-    def model_hash(self, model: str, overrides: dict) -> str:
-        cfg = self.model_config(model, overrides)
+    def hash_config(self, cfg) -> str:
         if isinstance(cfg, ExactGMMConfig):
             return config_hash({"family": "exact-gmm"}, asdict(cfg))
         return config_hash({"family": "score-sde-eps"}, _arch_hash_dict(cfg))
@@ -178,13 +176,13 @@ class ScoreSDE(Reproduction):
         return super().required_datasets(cfg)
 
     def cached_modules(self, model, overrides, cfg):
-        return [] if isinstance(cfg, ExactGMMConfig) else [(self.model_hash(model, overrides), lambda: UNet(cfg.unet))]
+        return [] if isinstance(cfg, ExactGMMConfig) else [(self.hash_config(cfg), lambda: UNet(cfg.unet))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset
 
         cfg = self.model_config(model, overrides)
-        h = self.model_hash(model, overrides)
+        h = self.hash_config(cfg)
         if isinstance(cfg, ExactGMMConfig):
             return self._load_gmm(cfg, h, device)
         net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
@@ -277,7 +275,8 @@ def _sampler_rows(df):
     """ok records of the Score SDE samplers with an FID, any reproduction."""
     if df is None or len(df) == 0 or "sampler" not in df:
         return None
-    d = df[(df["status"] == "ok") & df["sampler"].isin(list(FAMILY)) & df["fid"].notna()]
+    d = ok_rows(df, "fid")
+    d = d[d["sampler"].isin(list(FAMILY))]
     return d if len(d) else None
 
 
@@ -339,7 +338,7 @@ def _check_corrector_poor(df) -> ClaimResult:
 def _metric_rows(df, model: str, key: str):
     if df is None or len(df) == 0 or "metrics" not in df:
         return []
-    d = df[(df["status"] == "ok") & (df["reproduction"] == "score_sde") & (df["model"] == model)]
+    d = ok_rows(df, reproduction="score_sde", model=model)
     return [m[key] for m in d["metrics"] if isinstance(m, dict) and m.get(key) is not None]
 
 
@@ -348,7 +347,7 @@ def _check_ode_likelihood(df) -> ClaimResult:
         gaps = _metric_rows(df, "gmm_exact", "ll_gap_exact_mean_abs")
         if not gaps:
             return ClaimResult("not run", "no score_sde/gmm_exact record")
-        d = df[(df["status"] == "ok") & (df["reproduction"] == "score_sde") & (df["model"] == "gmm_exact")]
+        d = ok_rows(df, reproduction="score_sde", model="gmm_exact")
         m = d["metrics"].iloc[-1]
         g = float(gaps[-1])
         txt = (f"mean |log p_ODE - log p_true| = {g:.4f} nats (max {m.get('ll_gap_exact_max_abs', float('nan')):.4f}); "
@@ -377,8 +376,8 @@ def _check_cross_model(df) -> ClaimResult:
     try:
         if df is None or len(df) == 0:
             return ClaimResult("not run", "no records")
-        r = ok_rows(df, reproduction="ddpm")
-        r = r[r["sampler"].isin(["pc", "prob_flow"]) & r["fid"].notna()]
+        r = ok_rows(df, "fid", reproduction="ddpm")
+        r = r[r["sampler"].isin(["pc", "prob_flow"])]
         got = {s: g for s, g in r.groupby("sampler")}
         if set(got) != {"pc", "prob_flow"}:
             return ClaimResult("not run", f"DDPM-model records with {sorted(got) or 'neither'} of pc, prob_flow")

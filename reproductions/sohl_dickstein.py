@@ -36,7 +36,7 @@ from bench_core.nets.unet import timestep_embedding
 from bench_core.samplers import Opt, _sig, register_sampler
 from bench_core.seeding import randn_like
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, register
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
 
 LOG2 = math.log(2.0)
 TRAJ_POINTS = 300          # points per trajectory snapshot stored in the records (Fig. 1)
@@ -331,8 +331,7 @@ class SohlDickstein(Reproduction):
     paper_url = "https://arxiv.org/abs/1503.03585"
     models = MODELS
 
-    def model_hash(self, model, overrides):
-        cfg = self.model_config(model, overrides)
+    def hash_config(self, cfg):
         d = asdict(cfg)
         d.pop("eval_points"), d.pop("eval_seed")  # evaluation only
         return config_hash({"family": "sohl-dickstein-2015"}, d)
@@ -341,7 +340,7 @@ class SohlDickstein(Reproduction):
         from bench_core.data import load_dataset
 
         # the data's dimension is read only when a cached checkpoint is there to check
-        return [(self.model_hash(model, overrides),
+        return [(self.hash_config(cfg),
                  lambda: KernelMLP(load_dataset(cfg.dataset, **cfg.dataset_opts).x.shape[1], cfg.net))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
@@ -349,7 +348,7 @@ class SohlDickstein(Reproduction):
         from bench_core.metrics.twod import points_metrics
 
         cfg = self.model_config(model, overrides)
-        h = self.model_hash(model, overrides)
+        h = self.hash_config(cfg)
         data = load_dataset(cfg.dataset, **cfg.dataset_opts)
         chain = Chain(cfg.betas())
         net = seeded_init(lambda: KernelMLP(data.x.shape[1], cfg.net), cfg.train.seed)
@@ -451,7 +450,7 @@ def _rows(df):
     """Ok records of the learned-kernel sampler with the bound and the baseline, or None."""
     if df is None or len(df) == 0 or "reproduction" not in df:
         return None
-    d = df[(df["reproduction"] == "sohl_dickstein") & (df["status"] == "ok")]
+    d = ok_rows(df, reproduction="sohl_dickstein")
     if len(d) == 0:
         return None
     d = d[d["metrics"].map(lambda m: isinstance(m, dict) and "K_bits" in m and "gauss_baseline_mmd" in m

@@ -205,8 +205,13 @@ def test_config_validation_errors():
 
     adm = reproductions.get("adm")
     assert adm.override_errors("guided", {"scale": -1.0})
-    assert adm.override_errors("guided", {"base_model": "nope"})
-    assert adm.override_errors("guided", {"base_overrides": {"train": {"stepz": 3}}})
+    # the base model (a ddpm preset and its overrides): the field, the value given and what is allowed
+    assert adm.override_errors("guided", {"base_model": "nope"}) == [
+        "base_model: unknown ddpm preset 'nope' (known: digits, cifar10)"]
+    errs = adm.override_errors("guided", {"base_overrides": {"train": {"stepz": 3}}})
+    assert len(errs) == 1 and errs[0].startswith("base_overrides.train.stepz: unknown field (known: ")
+    with pytest.raises(ValueError, match="base_overrides.T: expected int, got str 'x'"):
+        adm.model_hash("guided", {"base_overrides": {"T": "x"}})
     assert adm.override_errors("guided", {"scael": 1.0})
     assert adm.override_errors("cfg", {"p_uncond": 1.5})
     assert adm.override_errors("nope", {})

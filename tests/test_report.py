@@ -170,6 +170,17 @@ def test_leaderboard_ranks_within_groups():
     assert not ((lb["steps"] == 5) | (lb["steps"] == 2)).any()
 
 
+def test_leaderboard_names_variants_of_one_preset():
+    """Two guidance scales of one preset are two groups (two hashes); the recorded model_label tells them apart
+    in the model column and in the Markdown headings; a model without a label keeps its bare name."""
+    recs = [rec(model="guided", model_hash=f"h{s}", fid=5.0 + s, metrics={"model_label": f"scale={s:g}"})
+            for s in (0.5, 2.0)] + [rec()]
+    lb = leaderboard(recs)
+    assert sorted(lb["model"]) == ["cpu", "guided [scale=0.5]", "guided [scale=2]"]
+    md = to_markdown(lb)
+    assert "model guided [scale=0.5] (toy)" in md and "model guided [scale=2] (toy)" in md
+
+
 def test_leaderboard_seed_average_and_nfe_budget():
     lb = leaderboard(synthetic_records())
     row = lb[(lb["steps"] == 20)]
@@ -230,6 +241,19 @@ def test_formatting_helpers():
     assert fmt_sig(None) == "–" and fmt_sig(float("nan")) == "–"
     t = markdown_table(pd.DataFrame({"a": ["x|y", "z"], "b": [1.5, None]}))
     assert "x\\|y" in t and t.splitlines()[1].startswith("| :")
+
+
+def test_ok_rows_filters_status_present_columns_and_values():
+    """The claims' record filter, against the rows picked out by hand."""
+    df = pd.DataFrame([rec(entry="a"), rec(entry="b", status="error"), rec(entry="c", fid=None),
+                       rec(entry="d", sampler_opts={"eta": 1.0}), rec(entry="e", grid={"kind": "quadratic"}),
+                       rec(entry="f", model="gpu", steps=20)])
+    ok_rows = reproductions.ok_rows
+    assert list(ok_rows(df)["entry"]) == ["a", "c", "d", "e", "f"]
+    assert list(ok_rows(df, "fid")["entry"]) == ["a", "d", "e", "f"]
+    assert list(ok_rows(df, "fid", model="cpu", steps=10, opt_eta=0.0, grid_kind="uniform")["entry"]) == ["a"]
+    assert list(ok_rows(df, model="gpu")["entry"]) == ["f"]
+    assert ok_rows(None) is None and len(ok_rows(df.iloc[:0])) == 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,16 +6,22 @@ fp32, contiguous memory, eager execution.  Each option must give the reference's
 5e-2 for bfloat16.  CUDA-only options are tested when a GPU is present (TF32 off there; fp32 is held
 to 1e-4 because cuDNN's autotuner may pick FFT / Winograd convolutions).  No timings are asserted here: speed lives in benchmarks/speed_ablation.py.
 """
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from bench_core.accel import (
-    AccelOptions, CUDAGraphDenoiser, CUDAGraphed, ablation_options, accelerated_denoiser, apply,
-    random_weights_, relative_error, tolerance,
+    AccelOptions, CUDAGraphDenoiser, CUDAGraphed, CUDAGraphSampler, ablation_options, accelerated_denoiser, apply,
+    host_sync_check, random_weights_, relative_error, tolerance,
 )
 from bench_core.nets import unet as unet_mod
 from bench_core.nets.unet import DIGITS_SMALL, UNet, UNetConfig, chunked_attention
-from bench_core.samplers import sample_euler
+from bench_core.samplers import get_sampler, sample_ddim, sample_euler
 from bench_core.schedules import alphas_cumprod, discrete_grid, linear_betas
 
 CUDA = torch.cuda.is_available()
@@ -198,6 +204,13 @@ def test_options_label_and_device_checks():
     assert AccelOptions(attn="sdpa", dtype="bfloat16").label() == "attn=sdpa+dtype=bfloat16"
     assert AccelOptions(attn="chunked", attn_chunk=256).label() == "attn=chunked+attn_chunk=256"
     assert AccelOptions(fused_norm_act=True).changes() == {"fused_norm_act": True}
+    assert AccelOptions(fused_norm_act=True, norm_act_kernel="triton").label() == "fused_norm_act+norm_act_kernel=triton"
+    assert AccelOptions(norm_act_kernel="triton").changes() == {}  # the kernel choice alone changes nothing
+    assert AccelOptions(compile=True).label() == "compile"
+    with pytest.raises(ValueError, match="norm_act_kernel"):
+        AccelOptions(norm_act_kernel="cuda")
+    with pytest.raises(ValueError, match="fused GroupNorm"):
+        UNet(SMALL).set_fused_norm_act("bogus")
     for opts in (AccelOptions(cuda_graph=True), AccelOptions(conv_benchmark=True)):
         with pytest.raises(RuntimeError, match="CUDA"):
             opts.check_device("cpu")
@@ -226,6 +239,151 @@ def test_accelerated_denoiser_samples_like_reference():
 
 
 # --------------------------------------------------------------------------------------------
+# The hand-written Triton GroupNorm+SiLU kernel, in Triton's CPU interpreter (a subprocess: Triton reads
+# TRITON_INTERPRET when it is imported)
+# --------------------------------------------------------------------------------------------
+TRITON_CHECK = r"""
+import json, torch
+import torch.nn.functional as F
+from bench_core.accel import AccelOptions, apply, random_weights_, relative_error, tolerance
+from bench_core.nets.triton_norm import group_norm_silu
+from bench_core.nets.unet import UNet, UNetConfig
+
+def by_hand(x, w, b, groups, eps, scale, shift):
+    # GroupNorm from its definition in float64: per (sample, group) mean and biased variance
+    x, w, b = x.double(), w.double(), b.double()
+    B, C = x.shape[:2]
+    xg = x.reshape(B, groups, -1)
+    mu = xg.mean(-1, keepdim=True)
+    var = ((xg - mu) ** 2).mean(-1, keepdim=True)
+    h = ((xg - mu) / (var + eps).sqrt()).reshape(x.shape) * w.view(1, C, 1, 1) + b.view(1, C, 1, 1)
+    if scale is not None:
+        h = h * (1 + scale.double().view(B, C, 1, 1)) + shift.double().view(B, C, 1, 1)
+    return h * torch.sigmoid(h)
+
+out = []
+g = torch.Generator().manual_seed(0)
+# (shape, groups): odd sizes, and groups of 8 * 32 * 32 = 8192 elements (8 loop iterations of 1024)
+for shape, groups in [((2, 12, 5, 7), 4), ((3, 64, 8, 8), 32), ((1, 16, 32, 32), 2)]:
+    for channels_last in (False, True):
+        for mod in (False, True):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = (3 * torch.randn(shape, generator=g) + 1).to(dtype)
+                if channels_last:
+                    x = x.to(memory_format=torch.channels_last)
+                C = shape[1]
+                w, b = torch.randn(C, generator=g).to(dtype), torch.randn(C, generator=g).to(dtype)
+                sc = torch.randn(shape[0], C, 1, 1, generator=g).to(dtype) if mod else None
+                sh = torch.randn(shape[0], C, 1, 1, generator=g).to(dtype) if mod else None
+                with torch.no_grad():
+                    y = group_norm_silu(x, w, b, groups, 1e-6, sc, sh)
+                same_layout = y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                out.append(dict(case=f"{shape}/{groups}/cl={channels_last}/mod={mod}/{dtype}", tol=tol,
+                                err=relative_error(y, by_hand(x, w, b, groups, 1e-6, sc, sh)),
+                                ok_meta=bool(same_layout and y.dtype == dtype)))
+# the U-Net with the switch, plain and ADM (AdaGN), alone and with channels-last + bf16
+base = UNetConfig(in_channels=3, resolution=8, ch=16, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(8,),
+                  num_heads=2, norm_groups=4, dropout=0.0)
+for cfg in (base, base.replace(scale_shift_norm=True, resblock_updown=True)):
+    net = random_weights_(UNet(cfg), 0).eval()
+    x = torch.randn(3, 3, 8, 8, generator=g)
+    t = torch.tensor([2.0, 410.5, 999.0])
+    with torch.no_grad():
+        ref = net.set_attn_impl("naive")(x, t)
+        for opts in (AccelOptions(fused_norm_act=True, norm_act_kernel="triton"),
+                     AccelOptions(fused_norm_act=True, norm_act_kernel="triton", channels_last=True, dtype="bfloat16")):
+            opts.check_device("cpu")  # allowed under the interpreter
+            y = apply(net, opts)(x, t)
+            out.append(dict(case=f"unet/adm={cfg.scale_shift_norm}/{opts.label()}", tol=tolerance(opts, "cpu"),
+                            err=relative_error(y, ref), ok_meta=True))
+    # training (autograd recording) runs the torch ops: gradients flow
+    net.set_fused_norm_act("triton").train()
+    loss = net(x, t).square().mean()
+    loss.backward()
+    out.append(dict(case=f"unet/adm={cfg.scale_shift_norm}/grad", tol=0.0, err=0.0,
+                    ok_meta=all(p.grad is not None for p in net.parameters() if p.requires_grad)))
+print(json.dumps(out))
+"""
+
+
+def test_triton_group_norm_silu_matches_the_definition():
+    """The Triton kernel (run by Triton's interpreter on CPU) against GroupNorm + SiLU worked from their
+    definitions in float64, on NCHW and channels-last, with and without AdaGN, fp32 and bf16; and inside
+    the U-Net against the reference network."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3 * 2 * 2 * 2 + 2 * 3
+    bad = [r for r in rows if not (r["err"] <= r["tol"] and r["ok_meta"])]
+    assert not bad, bad
+    # it really ran in reduced precision where asked (bf16 cases are not exact)
+    assert all(r["err"] > 0 for r in rows if "bfloat16" in r["case"])
+
+
+@pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"), reason="checks the CPU message")
+def test_triton_kernel_on_cpu_says_what_to_do():
+    from bench_core.nets.triton_norm import group_norm_silu
+
+    opts = AccelOptions(fused_norm_act=True, norm_act_kernel="triton")
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):
+        opts.check_device("cpu")
+    x = torch.randn(1, 4, 2, 2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        group_norm_silu(x, torch.ones(4), torch.zeros(4), 2, 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-network torch.compile and the graph-captured sampling loop
+# --------------------------------------------------------------------------------------------
+def test_whole_network_compile_equals_reference():
+    """torch.compile of the whole U-Net (inductor's C++ on CPU): the reference's output; weights untouched."""
+    net = _net(SMALL)
+    x, t = _inputs(SMALL)
+    with torch.no_grad():
+        ref = net.set_attn_impl("naive")(x, t)
+        acc = apply(net, AccelOptions(compile=True, fused_norm_act=True))
+        out = acc(x, t)
+    assert relative_error(out, ref) <= tolerance(AccelOptions(), "cpu")
+    assert not acc.net.fused_norm_act  # under compile the compiler does the fusing
+    assert set(acc.state_dict()) == {f"net.{k}" for k in net.state_dict()}
+
+
+def test_host_sync_check_tells_capturable_samplers():
+    """Euler and DDIM (eta = 0) never read a grid value on the host; Heun's `if t_next > 0` does."""
+    sig = discrete_grid(alphas_cumprod(linear_betas(1000)), 5, "uniform")
+    assert host_sync_check(sample_euler, None, sig, (2, 1, 8, 8)) is None
+    assert host_sync_check(sample_ddim, None, sig, (2, 1, 8, 8)) is None
+    problem = host_sync_check(get_sampler("heun").fn, None, sig, (2, 1, 8, 8))
+    assert problem and "meta" in problem
+
+
+def test_ddim_last_step_is_the_denoised_estimate_exactly():
+    """Branch-free DDIM: the step to sigma = 0 returns the last denoiser output bit for bit (eta 0 and 1)."""
+    sig = discrete_grid(alphas_cumprod(linear_betas(1000)), 4, "uniform")
+    assert sig[-1] == 0
+    outs = []
+
+    def den(x, s):
+        outs.append(torch.tanh(x) * 0.7 + 0.01 * s.view(-1, 1, 1, 1))
+        return outs[-1]
+
+    x = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * sig[0]
+    for eta in (0.0, 1.0):
+        outs.clear()
+        y = sample_ddim(den, x, sig, eta=eta, generator=torch.Generator().manual_seed(1))
+        assert len(outs) == 4 and torch.equal(y, outs[-1])
+
+
+@pytest.mark.skipif(CUDA, reason="checks the CPU message; on a GPU the CUDA tests below run instead")
+def test_graph_sampler_on_cpu_raises_clearly():
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device"):
+        CUDAGraphSampler(sample_euler, lambda x, s: x, torch.tensor([1.0, 0.0]))
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA (run on a GPU; skipped on CPU)
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
@@ -244,7 +402,7 @@ def test_cuda_options_equal_reference(cfg, no_tf32):
     with torch.no_grad():
         ref = net.set_attn_impl("naive")(x, t)
         sets = ablation_options("cuda", attn_chunk=24)
-        assert {"conv_benchmark", "fp16", "cuda_graph"} <= set(sets)
+        assert {"conv_benchmark", "fp16", "cuda_graph", "fused_norm_act_triton"} <= set(sets)
         for name, opts in sets.items():
             if opts.cuda_graph:  # the graph holds a whole denoiser call: tested below
                 opts = opts.replace(cuda_graph=False)
@@ -254,12 +412,17 @@ def test_cuda_options_equal_reference(cfg, no_tf32):
             assert err <= tolerance(opts, "cuda"), f"{name}: relative error {err:.2e}"
 
 
+def _digits_on_cuda(steps=6, batch=16):
+    """DDPM schedule, a random-weight digits U-Net, a uniform grid and x_T at its first sigma, on CUDA."""
+    abar = alphas_cumprod(linear_betas(1000))
+    sig = discrete_grid(abar, steps, "uniform").cuda()
+    x = torch.randn(batch, 1, 8, 8, generator=torch.Generator().manual_seed(0)).cuda() * sig[0]
+    return abar, _net(DIGITS_SMALL), sig, x
+
+
 @needs_cuda
 def test_cuda_graph_denoiser_replays_the_same_function(no_tf32):
-    abar = alphas_cumprod(linear_betas(1000))
-    net = _net(DIGITS_SMALL)
-    sig = discrete_grid(abar, 6, "uniform").cuda()
-    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0)).cuda() * sig[0]
+    abar, net, sig, x = _digits_on_cuda()
     with torch.no_grad():
         eager = accelerated_denoiser(net, AccelOptions(), abar, device="cuda")
         graphed = accelerated_denoiser(net, AccelOptions(cuda_graph=True), abar, device="cuda")
@@ -316,3 +479,19 @@ def test_speed_models_share_the_ddpm_checkpoint_and_validate_options(tmp_path):
         a, b = fast.denoiser(x, sigma), ref.denoiser(x, sigma)
     assert a.dtype == torch.float32
     assert relative_error(a, b) < tolerance(AccelOptions(dtype="bfloat16"))
+
+
+@needs_cuda
+def test_cuda_graph_sampler_replays_the_whole_loop(no_tf32):
+    """Euler and DDIM captured as one graph each equal their eager runs; Heun is refused with the reason."""
+    abar, net, sig, x = _digits_on_cuda()
+    with torch.no_grad():
+        den = accelerated_denoiser(net, AccelOptions(attn="sdpa"), abar, device="cuda")
+        for fn in (sample_euler, sample_ddim):
+            loop = CUDAGraphSampler(fn, den, sig)
+            ref = fn(den, x, sig)
+            out, out2 = loop(x), loop(x)
+            assert relative_error(out, ref) < 1e-4
+            assert torch.equal(out, out2)
+        with pytest.raises(RuntimeError, match="cannot be captured"):
+            CUDAGraphSampler(get_sampler("heun").fn, den, sig)(x)

@@ -18,7 +18,8 @@ attention head instead of a fixed number of heads).
 Speed options (Chen et al. 2023, "Speed is all you need"), runtime only: they change how the
 network computes, never its parameters or state_dict keys (``bench_core.accel`` switches them):
 ``set_attn_impl("naive" | "chunked" | "sdpa")`` picks the attention kernel and
-``set_fused_norm_act(True)`` runs every GroupNorm followed by SiLU as one fused kernel.
+``set_fused_norm_act(True | "compile" | "triton")`` runs every GroupNorm followed by SiLU as one fused
+kernel (torch.compile's, or the hand-written Triton kernel of ``bench_core.nets.triton_norm``).
 """
 from __future__ import annotations
 
@@ -192,9 +193,17 @@ def _fused_fallback(reason: str) -> None:
     _FUSED_NORM_ACT.update(fn=_group_norm_silu, backend="eager-fallback")
 
 
-def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool = False, scale: Tensor | None = None,
+NORM_ACT_KERNELS = ("compile", "triton")
+
+
+def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool | str = False, scale: Tensor | None = None,
              shift: Tensor | None = None) -> Tensor:
-    """silu(norm(x) [* (1 + scale) + shift]), as one fused kernel when ``fused``."""
+    """silu(norm(x) [* (1 + scale) + shift]), as one fused kernel when ``fused``: "compile" (or True) for
+    torch.compile's generated kernel, "triton" for the hand-written one (``bench_core.nets.triton_norm``)."""
+    if fused == "triton":
+        from bench_core.nets.triton_norm import group_norm_silu
+
+        return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
     if fused:
         try:
             return _fused_norm_act_fn()(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
@@ -476,11 +485,16 @@ class UNet(nn.Module):
                     m.chunk = int(chunk)
         return self
 
-    def set_fused_norm_act(self, on: bool = True) -> "UNet":
-        """Run every GroupNorm followed by SiLU as one fused kernel (torch.compile; weights unchanged)."""
+    def set_fused_norm_act(self, on: bool | str = True) -> "UNet":
+        """Run every GroupNorm followed by SiLU as one fused kernel (weights unchanged): ``True`` or
+        "compile" for torch.compile's, "triton" for the hand-written Triton kernel; ``False`` unfused."""
+        if on is True:
+            on = "compile"
+        if on not in (False, None, *NORM_ACT_KERNELS):
+            raise ValueError(f"fused GroupNorm+SiLU kernel must be one of {NORM_ACT_KERNELS} (or False), got {on!r}")
         for m in self.modules():
             if isinstance(m, (ResBlock, UNet)):
-                m.fused_norm_act = bool(on)
+                m.fused_norm_act = on or False
         return self
 
     def embed(self, t: Tensor, y: Tensor | None = None) -> Tensor:

@@ -145,7 +145,7 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
             row = {
                 "group": group_label(key), "rank": 0,
                 "reproduction": ", ".join(sorted({str(x.get("reproduction") or "") for x in recs} - {""})) or rep,
-                "model": model, "sampler": label,
+                "model": _model_name(model, recs), "sampler": label,
                 "steps": steps, "n_seeds": len(recs), "device_name": device_name or device,
                 "model_hash": mhash, "dataset": dataset, "fid_extractor": extractor, "fid_reference": reference,
                 "num_samples": n, "device": device, "dtype": dtype,
@@ -168,6 +168,14 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
             prev_fid, prev_rank = row["fid"], row["rank"]
         rows.extend(group_rows)
     return _typed(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _model_name(model: str, recs: list[dict]) -> str:
+    """The model's name, with the variant label its reproduction recorded (``metrics.model_label``), e.g.
+    ``guided [scale=2]``: several variants of one preset are separate groups (their hashes differ)."""
+    labels = sorted({str(m["model_label"]) for m in (r.get("metrics") for r in recs)
+                     if isinstance(m, Mapping) and m.get("model_label")})
+    return f"{model} [{', '.join(labels)}]" if labels else model
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
