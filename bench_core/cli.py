@@ -34,10 +34,16 @@ def _dry_run(args, suite, out: Path) -> int:
     from .dryrun import format_plan, plan
     from .train import default_cache_dir
 
+    from .records import RecordStore
+
     history = [Path(p) for p in (args.history or ["results"])] + [out]
+    done = RecordStore(out / "records.jsonl").done_keys() if args.resume else set()
     rows = plan(suite, device=args.device, cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
-                history=[p for p in history if p.exists()])
+                history=[p for p in history if p.exists()], skip=done)
     print(f"suite {suite.name} ({suite.source}), dry run: nothing is trained, sampled or written")
+    if args.resume:
+        print(f"resume: {len(suite.runs) - len(rows)} of {len(suite.runs)} runs already recorded in "
+              f"{out / 'records.jsonl'}; listing the other {len(rows)}")
     from .measure import resolve_device
 
     print(format_plan(rows, str(resolve_device(args.device))))

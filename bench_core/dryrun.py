@@ -83,22 +83,22 @@ def count_nfe(sampler: str, grid: dict, steps: int, opts: dict) -> float | None:
         return None
 
 
-def _nothing_to_train(run) -> bool:
-    """True for models with no checkpoint at all (exact denoisers): their reproduction declares no cached module."""
+def _is_cached(run, cache) -> bool:
+    """Every checkpoint the run's model loads is in the cache (base models and calibrations included; exact
+    denoisers need none)."""
     import reproductions
-    from reproductions import Reproduction
 
     rep = reproductions.get(run.reproduction)
-    if type(rep).cached_modules is Reproduction.cached_modules:
-        return False  # the reproduction does not say: trust the checkpoint cache only
     try:
-        cfg = rep.model_config(run.model, run.model_overrides)
-        return not rep.cached_modules(run.model, run.model_overrides, cfg)
-    except Exception:
-        return False
+        hashes = rep.needed_checkpoints(run.model, run.model_overrides, rep.model_config(run.model, run.model_overrides))
+    except Exception:  # noqa: BLE001 - the dry run reports, it does not validate: trust the model's own hash
+        hashes = [run.model_hash]
+    return all(cache.path(h).is_file() for h in hashes)
 
 
-def plan(suite, *, device: str, cache_dir, history: list[Path]) -> list[PlannedRun]:
+def plan(suite, *, device: str, cache_dir, history: list[Path], skip: frozenset | set = frozenset()) -> list[PlannedRun]:
+    """The suite's runs (but those whose record key is in ``skip``: already recorded, with --resume), each with
+    its counted NFE, whether its model is cached and a time estimate from the ``history`` records."""
     from .measure import resolve_device
     from .records import load_records
     from .train import CheckpointCache
@@ -115,7 +115,7 @@ def plan(suite, *, device: str, cache_dir, history: list[Path]) -> list[PlannedR
             trained[r["model_hash"]] = max(trained.get(r["model_hash"], 0.0), float(r["train_sec"]))
     nfe_cache: dict[tuple, float | None] = {}
     rows, seen_models = [], set()
-    for run in suite.runs:
+    for run in (r for r in suite.runs if r.key() not in skip):
         key = (run.sampler, json.dumps(run.grid, sort_keys=True), run.steps, json.dumps(run.sampler_opts, sort_keys=True))
         if key not in nfe_cache:
             nfe_cache[key] = count_nfe(run.sampler, run.grid, run.steps, run.sampler_opts)
@@ -123,10 +123,10 @@ def plan(suite, *, device: str, cache_dir, history: list[Path]) -> list[PlannedR
         exact = nfe is not None and run.sampler not in ADAPTIVE
         if nfe is None:
             nfe = float(run.steps)  # one evaluation per step: the learned-kernel samplers
-        cached = cache.path(run.model_hash).is_file() or _nothing_to_train(run)
+        cached = _is_cached(run, cache)
         batches = math.ceil(run.num_samples / run.batch_size)
         spn = per_nfe.get((run.model_hash, run.batch_size))
-        sample_sec = sorted(spn)[len(spn) // 2] * nfe * batches if spn else None
+        sample_sec = sorted(spn)[len(spn) // 2] * nfe * (batches + run.timing_repeats) if spn else None
         train_sec = 0.0  # a model's training is counted on its first run
         if run.model_hash not in seen_models:
             train_sec = 0.0 if cached else trained.get(run.model_hash)

@@ -111,6 +111,14 @@ class Reproduction:
         """(checkpoint hash, module factory) pairs whose cached files must load into that module."""
         return []
 
+    def needed_checkpoints(self, model: str, overrides: dict, cfg) -> list[str]:
+        """Hashes of every checkpoint-cache entry the model loads (all present: nothing to train or calibrate).
+        Default: the ``cached_modules`` hashes when the reproduction declares them (none for exact denoisers),
+        else the model's own hash."""
+        if type(self).cached_modules is not Reproduction.cached_modules:
+            return [h for h, _ in self.cached_modules(model, overrides, cfg)]
+        return [self.hash_config(cfg)]
+
     def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
         """Problems to report before any work starts: missing dataset files, a cached checkpoint
         that is corrupted or does not match.  The harness calls it for every model a suite uses."""

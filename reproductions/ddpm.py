@@ -191,6 +191,12 @@ class BuiltOnDDPM:
         return DDPM_REPRO.load_model(cfg.base_model, cfg.base_overrides, device=device, cache_dir=cache_dir,
                                      progress=progress)
 
+    def needed_checkpoints(self, model: str, overrides: dict, cfg) -> list[str]:
+        """The base model's checkpoints, then this reproduction's own."""
+        base = DDPM_REPRO.needed_checkpoints(cfg.base_model, cfg.base_overrides, self.base_config(cfg)) \
+            if hasattr(cfg, "base_model") else []
+        return base + super().needed_checkpoints(model, overrides, cfg)
+
     def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
         """The base model's problems (its dataset, its cached checkpoint), then this reproduction's own."""
         cfg = self.model_config(model, overrides)

@@ -52,3 +52,49 @@ def test_cli_dry_run_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "dry run" in text and "3 runs" in text and "time unknown" in text
     assert not out.exists() and not (tmp_path / "c").exists()
+
+
+def test_dry_run_resume_lists_only_what_is_left_and_counts_timing_repeats(tmp_path, capsys):
+    """With --resume the runs already recorded in --out are left out of the listing and of the estimate; extra
+    timed repeats of a batch are part of a run's time."""
+    from bench_core.records import Record, RecordStore
+
+    suite = load_suite(str(_suite(tmp_path)))
+    first = suite.runs[0]
+    out = tmp_path / "out"
+    RecordStore(out / "records.jsonl").append(Record(
+        suite=first.suite, entry=first.entry, reproduction=first.reproduction, model=first.model,
+        model_hash=first.model_hash, sampler=first.sampler, sampler_opts=dict(first.sampler_opts), grid=dict(first.grid),
+        steps=first.steps, seed=first.seed, num_samples=first.num_samples, batch_size=first.batch_size, status="ok"))
+    assert main(["run", "--suite", str(_suite(tmp_path)), "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+                 "--dry-run", "--resume", "--history", str(tmp_path / "none")]) == 0
+    text = capsys.readouterr().out
+    assert "resume: 1 of 3 runs already recorded" in text and "2 runs," in text
+    rows = plan(suite, device="cpu", cache_dir=tmp_path / "c", history=[], skip={first.key()})
+    assert [(r.entry, r.steps) for r in rows] == [("a", 10), ("b", 4)]
+    # timing_repeats: 0.2 s per NFE, 10 NFE, two batches + two repeats of the first
+    hist = tmp_path / "hist" / "records.jsonl"
+    hist.parent.mkdir()
+    hist.write_text(json.dumps({"status": "ok", "model_hash": first.model_hash, "device": "cpu", "batch_size": 4,
+                                "nfe": 10, "sec_per_batch": 2.0}) + "\n")
+    suite.runs[1].timing_repeats = 2
+    rows = plan(suite, device="cpu", cache_dir=tmp_path / "c", history=[hist.parent])
+    assert round(rows[1].sample_sec, 6) == 0.2 * 10 * (2 + 2)
+
+
+def test_needed_checkpoints_include_base_models_and_calibrations():
+    """A wrapper model is cached only when everything it loads is: the ddpm base, the classifier, the calibration."""
+    import reproductions
+    from reproductions.ddpm import DDPM_REPRO
+
+    reproductions.load_all()
+    base = DDPM_REPRO.model_hash("digits", {})
+    qd = reproductions.get("qdiffusion")
+    w8 = qd.needed_checkpoints("digits-w8a8-qdiff", {}, qd.model_config("digits-w8a8-qdiff", {}))
+    assert w8[0] == base and len(w8) == 2 and w8[1] != qd.model_hash("digits-w8a8-qdiff", {})
+    assert qd.needed_checkpoints("digits-fp32", {}, qd.model_config("digits-fp32", {})) == [base]
+    adm = reproductions.get("adm")
+    cfg = adm.model_config("guided", {})
+    assert adm.needed_checkpoints("guided", {}, cfg) == [base, adm.classifier_hash(cfg)]
+    sp = reproductions.get("speed")
+    assert set(sp.needed_checkpoints("ddpm-digits-fast", {}, sp.model_config("ddpm-digits-fast", {}))) == {base}

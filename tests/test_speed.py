@@ -495,3 +495,30 @@ def test_cuda_graph_sampler_replays_the_whole_loop(no_tf32):
             assert torch.equal(out, out2)
         with pytest.raises(RuntimeError, match="cannot be captured"):
             CUDAGraphSampler(get_sampler("heun").fn, den, sig)(x)
+
+
+def test_trained_claim_prefers_the_reference_timed_beside_it():
+    """speed-trained-same-fid compares a fast record with the fp32 record of the same model, sampler and steps,
+    taking the speed reproduction's own fp32 run (timed beside it) over ddpm/ddim's; FID within max(1, 15 %)
+    and a shorter time per batch pass, anything else fails."""
+    from dataclasses import asdict
+
+    from bench_core.records import Record
+    from bench_core.report.leaderboard import records_df
+    from reproductions.speed import _check_trained
+
+    def rec(reproduction, dtype, fid, sec):
+        return asdict(Record(suite="t", entry="e", reproduction=reproduction, model="m", model_hash="H", dataset="digits",
+                             sampler="ddim", sampler_opts={"eta": 0.0}, grid={"kind": "uniform"}, steps=20, nfe=20.0,
+                             num_samples=500, batch_size=500, seed=0, fid=fid, sec_per_batch=sec, dtype=dtype,
+                             device="cpu", device_name="cpu", status="ok"))
+
+    fast = rec("speed", "bfloat16", 8.4, 0.70)
+    # ddim's fp32 run alone was slower: pass against it
+    assert _check_trained(records_df([rec("ddim", "float32", 8.5, 0.90), fast])).status == "pass"
+    # the speed reproduction's fp32 run, faster than the bf16 one, is the one compared: fail
+    res = _check_trained(records_df([rec("ddim", "float32", 8.5, 0.90), rec("speed", "float32", 8.5, 0.60), fast]))
+    assert res.status == "fail" and "0.60 s per batch" in res.ours
+    # FID off by more than max(1, 15 %): fail
+    assert _check_trained(records_df([rec("speed", "float32", 5.0, 0.90), fast])).status == "fail"
+    assert _check_trained(records_df([rec("ddim", "float32", 8.5, 0.90)])).status == "not run"
