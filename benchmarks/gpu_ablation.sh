@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The speed ablation (Chen et al. 2023, "Speed is all you need") on one CUDA GPU: about 4.5 minutes on an H100
-# for steps 2-3 (most of it torch.compile, cuDNN autotuning and graph capture), 1.5-2 more for the tests
-# (SPEED_TESTS=none skips them):
+# The speed ablation (Chen et al. 2023, "Speed is all you need") on one CUDA GPU.  Estimated from the one H100
+# run so far (which hit its limit before the last four SD-shaped option sets, since trimmed): the ablation about
+# 4-4.5 minutes (most of it torch.compile, cuDNN autotuning and graph capture), the targets about 2, the tests
+# 1.5-2 (SPEED_TESTS=none or STEPS skip them):
 #   1. the CUDA speed tests (tests/test_speed.py -k cuda: every option equals the reference; CUDA graphs),
 #   2. the ablation of benchmarks/speed_ablation.py (3 networks x 2 batches x 11 option sets),
 #   3. the issue's GPU targets: sampling-loop overhead at batch 512 (digits U-Net; eager, per-call CUDA graph,
@@ -15,6 +16,7 @@
 #
 #   bash benchmarks/gpu_ablation.sh                 # from the repository root, python3 with torch + CUDA
 #   OUT=/tmp/out PYTHON=python bash benchmarks/gpu_ablation.sh
+#   STEPS="ablation" bash benchmarks/gpu_ablation.sh   # only the ablation (the part that must fit in 5 minutes)
 #
 # diffusers (optional, never a runtime dependency): `pip install -e '.[compare]'`, or, on a machine without
 # network access, wheels of diffusers and importlib_metadata in .whl/ (installed to a private folder here).
@@ -42,19 +44,28 @@ if ! $PY -c "import diffusers" 2>/dev/null && ls .whl/diffusers-*.whl >/dev/null
     && export PYTHONPATH="$PYTHONPATH:/tmp/diffbench-site" || echo "diffusers wheel did not install: comparison skipped"
 fi
 
+# STEPS: which of "tests ablation targets" to run (default all three; e.g. STEPS="ablation targets")
+STEPS=${STEPS:-tests ablation targets}
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
 # SPEED_TESTS: cuda (default: the CUDA tests; the CPU ones run everywhere), all, or none
-if [ "${SPEED_TESTS:-cuda}" != none ]; then
+if want tests && [ "${SPEED_TESTS:-cuda}" != none ]; then
   step "tests/test_speed.py on CUDA (SPEED_TESTS=${SPEED_TESTS:-cuda})"
   if [ "${SPEED_TESTS:-cuda}" = all ]; then sel=(); else sel=(-k cuda); fi
   timeout 120 $PY -m pytest tests/test_speed.py -x -q -p no:cacheprovider "${sel[@]}" || { echo "!!! speed tests failed"; status=1; }
 fi
 
-step "ablation -> $DEST"
-timeout 270 $PY benchmarks/speed_ablation.py --device cuda --out "$DEST" || { echo "!!! ablation failed or ran out of time"; status=1; }
+if want ablation; then
+  step "ablation -> $DEST"
+  timeout 290 $PY benchmarks/speed_ablation.py --device cuda --out "$DEST" || { echo "!!! ablation failed or ran out of time"; status=1; }
+fi
 
-step "targets: sampling-loop overhead (batch 512) and the diffusers comparison"
-timeout 120 $PY benchmarks/speed_ablation.py --device cuda --out "$DEST" --no-ablation --targets \
-  || { echo "!!! targets failed or ran out of time"; status=1; }
+if want targets; then
+  # two whole-network torch.compile runs (ours, diffusers'): about 40 s each on the H100 host
+  step "targets: sampling-loop overhead (batch 512) and the diffusers comparison"
+  timeout 200 $PY benchmarks/speed_ablation.py --device cuda --out "$DEST" --no-ablation --targets \
+    || { echo "!!! targets failed or ran out of time"; status=1; }
+fi
 
 step "tables"
 $PY - "$DEST" <<'PY' || status=1
