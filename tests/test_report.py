@@ -387,3 +387,15 @@ def test_update_readme(tmp_path, records_dir, fake_registry):
     # no markers at all
     q.write_text("# plain\n")
     assert update_readme(q, records_dir) is False and q.read_text() == "# plain\n"
+
+
+def test_ddpm_quality_claim_without_fid_is_not_run():
+    """A DDPM-1000 record whose FID is missing (e.g. the extractor failed) leaves the claim "not run", no crash."""
+    from bench_core.report.leaderboard import records_df
+    from reproductions.ddpm import _check_quality
+
+    r = rec(reproduction="ddpm", model="digits", sampler="ddpm", sampler_opts={"variance": "beta"}, steps=1000, fid=None)
+    assert _check_quality(records_df([r])).status == "not run"
+    ok = rec(reproduction="ddpm", model="digits", sampler="ddpm", sampler_opts={"variance": "beta"}, steps=1000,
+             fid=5.0, metrics={"fid_real_data": 3.0})
+    assert _check_quality(records_df([r, ok])).status == "pass"  # 5.0 <= 3 x 3.0
