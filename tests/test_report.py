@@ -174,9 +174,10 @@ def test_leaderboard_names_variants_of_one_preset():
     """Two guidance scales of one preset are two groups (two hashes); the recorded model_label tells them apart
     in the model column and in the Markdown headings; a model without a label keeps its bare name."""
     recs = [rec(model="guided", model_hash=f"h{s}", fid=5.0 + s, metrics={"model_label": f"scale={s:g}"})
-            for s in (0.5, 2.0)] + [rec()]
+            for s in (10.0, 0.5, 2.0)] + [rec()]
     lb = leaderboard(recs)
-    assert sorted(lb["model"]) == ["cpu", "guided [scale=0.5]", "guided [scale=2]"]
+    # groups in natural order of the label (0.5 < 2 < 10), not by hash or as strings
+    assert list(dict.fromkeys(lb["model"])) == ["cpu", "guided [scale=0.5]", "guided [scale=2]", "guided [scale=10]"]
     md = to_markdown(lb)
     assert "model guided [scale=0.5] (toy)" in md and "model guided [scale=2] (toy)" in md
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -136,7 +137,7 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
 
     # 2. one row per configuration, seeds averaged
     rows = []
-    for key in sorted(configs):
+    for key in sorted(configs, key=lambda k: _group_order(k, configs[k])):
         rep, model, mhash, dataset, extractor, reference, n = key
         group_rows = []
         for cfg, by_seed in configs[key].items():
@@ -168,6 +169,16 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
             prev_fid, prev_rank = row["fid"], row["rank"]
         rows.extend(group_rows)
     return _typed(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _group_order(key: tuple, by_config: dict) -> tuple:
+    """Groups sorted by reproduction and model, then by variant label in natural order (scale=0.5 before
+    scale=2 before scale=8), then by the rest of the key."""
+    recs = [r for by_seed in by_config.values() for r in by_seed.values()]
+    label = _model_name(key[1], recs)
+    natural = tuple((0, float(t), "") if re.fullmatch(r"\d+(?:\.\d+)?", t) else (1, 0.0, t)
+                    for t in re.split(r"(\d+(?:\.\d+)?)", label) if t)
+    return (key[0], key[1], natural, key)
 
 
 def _model_name(model: str, recs: list[dict]) -> str:
