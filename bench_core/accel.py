@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from bench_core.denoiser import DiscreteVPEpsDenoiser, bcast, expand_sigma
+from bench_core.denoiser import DenoiserWrapper, DiscreteVPEpsDenoiser, GaussianDenoiser, expand_sigma
 from bench_core.nets import triton_norm
 from bench_core.nets.unet import (
     ATTN_IMPLS, DDPM_CIFAR10, DEFAULT_ATTN_CHUNK, DIGITS_SMALL, NORM_ACT_KERNELS, UNet, UNetConfig,
@@ -296,39 +296,18 @@ class CUDAGraphed:
             return static_out.clone()
 
 
-class CUDAGraphDenoiser:
+class CUDAGraphDenoiser(DenoiserWrapper):
     """A denoiser whose every call replays a captured CUDA graph of one call of ``denoiser``
     (unconditional: no ``cond``).  ``sigma_min``, ``sigma_max``, ``sigmas``... pass through."""
 
     def __init__(self, denoiser, warmup: int = 3):
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self._graphed = CUDAGraphed(lambda x, s: denoiser(x, s), warmup=warmup)
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         if cond:
             raise NotImplementedError("CUDAGraphDenoiser captures unconditional calls only")
         return self._graphed(x, expand_sigma(sigma, x).contiguous())
-
-    def __getattr__(self, name):
-        if name in ("denoiser", "_graphed"):
-            raise AttributeError(name)
-        return getattr(self.denoiser, name)
-
-
-class _MetaStandIn:
-    """A denoiser's stand-in for :func:`host_sync_check`: D(x; sigma) = x / (1 + sigma^2), any device;
-    other attributes (sigma_min, ...) come from the real denoiser."""
-
-    def __init__(self, denoiser):
-        self.denoiser = denoiser
-
-    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        return x / (1 + bcast(expand_sigma(sigma, x), x) ** 2)
-
-    def __getattr__(self, name):
-        if name == "denoiser":
-            raise AttributeError(name)
-        return getattr(self.denoiser, name)
 
 
 def host_sync_check(sampler: Callable, denoiser, sigmas: Tensor, x_shape: tuple[int, ...], **opts) -> str | None:
@@ -337,12 +316,14 @@ def host_sync_check(sampler: Callable, denoiser, sigmas: Tensor, x_shape: tuple[
 
     Checked on the meta device, where tensors have shapes but no values: ``if sigma_next > 0``,
     ``.item()`` or ``float(t)`` on a grid tensor raise there as a host read of a GPU tensor breaks a
-    capture.  The network is replaced by a stand-in (only the sampler's control flow is checked).
+    capture.  The network is replaced by the exact N(0, I) denoiser with the real one's sigma range (only
+    the sampler's control flow is checked).
     """
     x = torch.empty(x_shape, device="meta")
+    stand_in = GaussianDenoiser(0.0, 1.0, getattr(denoiser, "sigma_min", 0.002), getattr(denoiser, "sigma_max", 80.0))
     try:
         with torch.no_grad():
-            sampler(_MetaStandIn(denoiser), x, sigmas.to("meta"), **opts)
+            sampler(stand_in, x, sigmas.to("meta"), **opts)
     except Exception as e:  # noqa: BLE001 - any failure means "not capturable"; say which
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return None
@@ -367,7 +348,7 @@ class CUDAGraphSampler:
         self._graphed = CUDAGraphed(self._run, warmup=warmup)
 
     def _run(self, x: Tensor) -> Tensor:
-        return self.sampler(self.denoiser, x, self.sigmas.to(x.device), **self.opts)
+        return self.sampler(self.denoiser, x, self.sigmas, **self.opts)  # sigmas on x's device (__call__)
 
     def __call__(self, x: Tensor) -> Tensor:
         key = tuple(x.shape)

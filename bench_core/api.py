@@ -13,7 +13,7 @@ protocol, FID through the registered extractor, per-sample seeds), without a sui
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -26,7 +26,6 @@ class Results:
 
     records: list[dict]
     out: Path | None = None
-    _extra: dict = field(default_factory=dict, repr=False)
 
     def leaderboard(self, nfe_max: float | None = None):
         """The leaderboard as a pandas DataFrame (ranked by FID within comparable groups)."""
@@ -74,7 +73,6 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
     - ``out``: a folder for ``records.jsonl`` (appended); None keeps the records in memory only.
     """
     from . import records as rec
-    from .data import load_dataset
     from .measure import resolve_device
     from .samplers import get_sampler, load_all
     from .schedules import GRIDS
@@ -109,8 +107,9 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
     if num_samples < 1:
         errors.append(f"num_samples must be >= 1, got {num_samples}")
     data = None
-    try:
-        data = load_dataset(dataset, **(dataset_opts or {}))
+    metrics = _Metrics(Path(cache_dir) if cache_dir else default_cache_dir(), inception_weights)
+    try:  # loaded once: the metrics reuse it
+        data = metrics.data(dataset, dataset_opts)
     except Exception as e:  # a missing file, an unknown name: say so before any work
         errors.append(f"dataset {dataset!r}: {e}")
     if errors:
@@ -121,11 +120,11 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
     shape = tuple(sample_shape) if sample_shape is not None else tuple(data.x.shape[1:])
     model_hash = _model_hash(denoiser, name)
     lm = LoadedModel(denoiser, model_hash, dataset, shape, dataset_opts=dict(dataset_opts or {}))
-    metrics = _Metrics(Path(cache_dir) if cache_dir else default_cache_dir(), inception_weights)
     store = rec.RecordStore(Path(out) / "records.jsonl") if out is not None else None
     runs = [Run(suite="api", entry=name, reproduction="user", model=name, model_overrides={}, sampler=s,
                 sampler_opts=get_sampler(s).resolve(sampler_opts.get(s, {})), grid=grid, steps=n, seed=seed,
-                num_samples=num_samples, batch_size=batch_size or num_samples, model_hash=model_hash)
+                num_samples=num_samples, batch_size=min(batch_size or num_samples, num_samples),
+                model_hash=model_hash)
             for s in samplers for n in steps for seed in seeds]
     from tqdm.auto import tqdm
 

@@ -32,9 +32,8 @@ def _load_suite(name):
 def _dry_run(args, suite, out: Path) -> int:
     """List the runs, their NFE and an estimate of the time; nothing is trained, sampled or written."""
     from .dryrun import format_plan, plan
-    from .train import default_cache_dir
-
     from .records import RecordStore
+    from .train import default_cache_dir
 
     history = [Path(p) for p in (args.history or ["results"])] + [out]
     done = RecordStore(out / "records.jsonl").done_keys() if args.resume else set()

@@ -81,7 +81,20 @@ class DiscreteVPEpsDenoiser(nn.Module):
         return x - bcast(sigma, x) * self.eps(x, sigma, **cond)
 
 
-class NFECounter:
+class DenoiserWrapper:
+    """Base of the denoiser wrappers (NFE counter, guidance, CUDA graphs): holds ``self.denoiser`` and passes
+    every attribute it does not define itself (sigma_min, sigma_max, sigmas, sigma_to_t, ...) through to it."""
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __getattr__(self, name):
+        if name == "denoiser":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
+class NFECounter(DenoiserWrapper):
     """Wraps a denoiser and counts network function evaluations (one call on a batch = 1 NFE).
 
     Samplers never count; the harness reads ``count`` after a run.  Attribute access falls
@@ -89,7 +102,7 @@ class NFECounter:
     """
 
     def __init__(self, denoiser):
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.count = 0
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
@@ -98,11 +111,6 @@ class NFECounter:
 
     def reset(self) -> None:
         self.count = 0
-
-    def __getattr__(self, name):
-        if name == "denoiser":  # not yet set (e.g. during unpickling)
-            raise AttributeError(name)
-        return getattr(self.denoiser, name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,18 +50,17 @@ class _StandIn:
 
     def __init__(self):
         from .denoiser import GaussianDenoiser
-        from .schedules import alphas_cumprod, linear_betas
+        from .schedules import alphas_cumprod, linear_betas, vp_sigmas
 
         self.gauss = GaussianDenoiser(0.0, 0.5)
-        abar = alphas_cumprod(linear_betas(1000)).double()
-        self.sigmas = ((1 - abar) / abar).sqrt().float()
+        self.sigmas = vp_sigmas(alphas_cumprod(linear_betas(1000))).float()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
 
     def __call__(self, x, sigma, **cond):
         return self.gauss(x, sigma)
 
 
-def count_nfe(sampler: str, grid: dict, steps: int, opts: dict) -> float | None:
+def count_nfe(sampler: str, grid: dict, steps: int, opts: dict, stand_in: _StandIn | None = None) -> float | None:
     """NFE of one trajectory of ``sampler`` on the stand-in denoiser (None if it cannot run there)."""
     from .denoiser import NFECounter
     from .samplers import get_sampler
@@ -70,7 +70,7 @@ def count_nfe(sampler: str, grid: dict, steps: int, opts: dict) -> float | None:
     spec = get_sampler(sampler)
     g = dict(grid)
     kind = g.pop("kind", "uniform")
-    stand_in = _StandIn()
+    stand_in = stand_in or _StandIn()
     try:
         sigmas = make_grid(kind, steps, stand_in, **g)
         counter = NFECounter(stand_in)
@@ -114,19 +114,22 @@ def plan(suite, *, device: str, cache_dir, history: list[Path], skip: frozenset 
         if r.get("train_sec"):
             trained[r["model_hash"]] = max(trained.get(r["model_hash"], 0.0), float(r["train_sec"]))
     nfe_cache: dict[tuple, float | None] = {}
-    rows, seen_models = [], set()
+    rows, seen_models, cached_by_model, stand_in = [], set(), {}, _StandIn()
     for run in (r for r in suite.runs if r.key() not in skip):
         key = (run.sampler, json.dumps(run.grid, sort_keys=True), run.steps, json.dumps(run.sampler_opts, sort_keys=True))
         if key not in nfe_cache:
-            nfe_cache[key] = count_nfe(run.sampler, run.grid, run.steps, run.sampler_opts)
+            nfe_cache[key] = count_nfe(run.sampler, run.grid, run.steps, run.sampler_opts, stand_in)
         nfe = nfe_cache[key]
         exact = nfe is not None and run.sampler not in ADAPTIVE
         if nfe is None:
             nfe = float(run.steps)  # one evaluation per step: the learned-kernel samplers
-        cached = _is_cached(run, cache)
+        mkey = (run.reproduction, run.model, json.dumps(run.model_overrides, sort_keys=True))
+        if mkey not in cached_by_model:
+            cached_by_model[mkey] = _is_cached(run, cache)
+        cached = cached_by_model[mkey]
         batches = math.ceil(run.num_samples / run.batch_size)
         spn = per_nfe.get((run.model_hash, run.batch_size))
-        sample_sec = sorted(spn)[len(spn) // 2] * nfe * (batches + run.timing_repeats) if spn else None
+        sample_sec = statistics.median(spn) * nfe * (batches + run.timing_repeats) if spn else None
         train_sec = 0.0  # a model's training is counted on its first run
         if run.model_hash not in seen_models:
             train_sec = 0.0 if cached else trained.get(run.model_hash)

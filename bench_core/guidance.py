@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .denoiser import bcast, expand_sigma
+from .denoiser import DenoiserWrapper, bcast, expand_sigma
 
 
-class ClassifierGuidance:
+class ClassifierGuidance(DenoiserWrapper):
     """D_s(x, sigma | y) = D(x, sigma) + s sigma^2 grad_x log p_phi(y | x, sigma) (Dhariwal & Nichol 2021, Alg. 2).
 
     ``classifier(x, sigma) -> logits (B, K)``.  ``pass_label``: also give ``y`` to the wrapped
@@ -42,9 +42,9 @@ class ClassifierGuidance:
     def __init__(self, denoiser, classifier, scale: float = 1.0, *, pass_label: bool = False):
         if scale < 0:
             raise ValueError(f"guidance scale must be >= 0, got {scale}")
-        self.denoiser, self.classifier = denoiser, classifier
+        super().__init__(denoiser)
+        self.classifier = classifier
         self.scale, self.pass_label = float(scale), bool(pass_label)
-        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
         self.grad_evals = 0
 
     def log_prob_grad(self, x: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
@@ -67,13 +67,8 @@ class ClassifierGuidance:
         s = bcast(expand_sigma(sigma, x), x)
         return d + self.scale * s**2 * self.log_prob_grad(x, sigma, y)
 
-    def __getattr__(self, name):  # attributes of the wrapped denoiser (sigmas, sigma_to_t, ...)
-        if name == "denoiser":
-            raise AttributeError(name)
-        return getattr(self.denoiser, name)
 
-
-class ClassifierFreeGuidance:
+class ClassifierFreeGuidance(DenoiserWrapper):
     """D_w(x, sigma | y) = (1 + w) D(x, sigma | y) - w D(x, sigma | null) (Ho & Salimans 2022, Eq. 6).
 
     One call of the wrapped denoiser on the doubled batch [x | y ; x | null]: one NFE (DESIGN.md).
@@ -82,9 +77,8 @@ class ClassifierFreeGuidance:
     """
 
     def __init__(self, denoiser, guidance_weight: float, null_label: int):
-        self.denoiser = denoiser
+        super().__init__(denoiser)
         self.w, self.null_label = float(guidance_weight), int(null_label)
-        self.sigma_min, self.sigma_max = denoiser.sigma_min, denoiser.sigma_max
 
     def __call__(self, x: Tensor, sigma: Tensor, y: Tensor | None = None, **cond) -> Tensor:
         B = x.shape[0]
@@ -99,11 +93,6 @@ class ClassifierFreeGuidance:
         d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), y=torch.cat([y, y_null]), **doubled)
         d_cond, d_uncond = d[:B], d[B:]
         return (1 + self.w) * d_cond - self.w * d_uncond
-
-    def __getattr__(self, name):
-        if name == "denoiser":
-            raise AttributeError(name)
-        return getattr(self.denoiser, name)
 
 
 def balanced_labels(indices: Tensor, num_classes: int) -> Tensor:

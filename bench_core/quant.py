@@ -635,17 +635,6 @@ def quantize_net(net: nn.Module, cfg: QuantConfig, calib: CalibSet | None) -> tu
     return qnet, info
 
 
-def qnet_state(qnet: nn.Module) -> dict:
-    """What a calibration produced (the integer weights, step sizes, activation ranges) for caching."""
-    return {k: v for k, v in qnet.state_dict().items() if k.rsplit(".", 1)[-1] in ("w_scale", "w_int", "a_lohi")}
-
-
-def load_qnet_state(qnet: nn.Module, state: dict) -> None:
-    own = qnet_state(qnet)
-    if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
-        raise ValueError("cached calibration does not match the quantized network")
-    qnet.load_state_dict(state, strict=False)
-    _set_quant(qnet, weights=True, acts=True)
 
 
 # --------------------------------------------------------------------------------------------

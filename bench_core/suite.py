@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import statistics
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -378,42 +379,39 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
 
     times, outs, calls, peak, grad_evals0 = [], [], 0, None, 0.0
     with torch.no_grad(), capture_errors(dist) as local:
-        b0 = mine[0] if mine else None
-        if b0 is None:  # more ranks than batches: this rank has nothing to draw
-            raise _NoBatches
-        # warm-up: one denoiser call at the batch size (allocations, lazy init), not counted
-        xw = torch.zeros((len(batches[b0]), *lm.sample_shape), device=device)
-        dw = lm.denoiser(xw, sigmas[:1].expand(len(xw)), **cond_for(b0))
-        if decode is not None:
-            decode(dw)
-        synchronize(device)
-        # classifier-gradient evaluations (guidance wrappers expose `grad_evals`) are counted from here on
-        grad_evals0 = float(getattr(lm.denoiser, "grad_evals", 0))
-        times, outs, calls = [], [], 0
-        peak = None
-        for b in mine:
-            bs = batches[b]
-            ctx = PeakMemory(device) if b == b0 else contextlib.nullcontext()
-            with ctx as pm, Stopwatch(device) as sw:
-                out = draw(b)
-            dt = sw.elapsed
-            if b == b0:
-                peak = pm
-            calls += 1
-            if len(bs) == run.batch_size or len(batches) == 1:
-                times.append(dt)
-            outs.append(out.float().cpu())
-            if on_batch:
-                on_batch(run.steps * len(bs))
-        for _ in range(run.timing_repeats):  # extra timed repeats of the first batch
-            with Stopwatch(device) as sw:
-                draw(b0)
-            times.append(sw.elapsed)
-            calls += 1
+        if mine:  # (a rank of a distributed run may have no batch: more ranks than batches)
+            # warm-up: one denoiser call at the batch size (allocations, lazy init), not counted
+            b0 = mine[0]
+            xw = torch.zeros((len(batches[b0]), *lm.sample_shape), device=device)
+            dw = lm.denoiser(xw, sigmas[:1].expand(len(xw)), **cond_for(b0))
+            if decode is not None:
+                decode(dw)
+            synchronize(device)
+            # classifier-gradient evaluations (guidance wrappers expose `grad_evals`) are counted from here on
+            grad_evals0 = float(getattr(lm.denoiser, "grad_evals", 0))
+            for b in mine:
+                bs = batches[b]
+                ctx = PeakMemory(device) if b == b0 else contextlib.nullcontext()
+                with ctx as pm, Stopwatch(device) as sw:
+                    out = draw(b)
+                dt = sw.elapsed
+                if b == b0:
+                    peak = pm
+                calls += 1
+                if len(bs) == run.batch_size or len(batches) == 1:
+                    times.append(dt)
+                outs.append(out.float().cpu())
+                if on_batch:
+                    on_batch(run.steps * len(bs))
+            for _ in range(run.timing_repeats):  # extra timed repeats of the first batch
+                with Stopwatch(device) as sw:
+                    draw(b0)
+                times.append(sw.elapsed)
+                calls += 1
     nfe_count, grad_count = counter.count, float(getattr(lm.denoiser, "grad_evals", 0)) - grad_evals0
     peak_mb, peak_method = (peak.peak_mb, peak.method) if peak else (None, "")
     if dist is not None:  # every rank's samples, counts and timings to rank 0; only rank 0 goes on
-        err = None if local.error is None or isinstance(local.error, _NoBatches) else local.error
+        err = local.error
         merged = merge_run(dist, {"outs": outs, "times": times, "calls": calls, "nfe": nfe_count, "grad": grad_count,
                                   "peak_mb": peak_mb, "peak_method": peak_method, "batch_size": run.batch_size,
                                   "error": None if err is None else f"{type(err).__name__}: {err}"})
@@ -423,7 +421,7 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         peak_mb, peak_method = merged["peak_mb"], merged["peak_method"]
     samples = torch.cat(outs)
     # the median of the timed batches; distributed: the slowest rank's median
-    sec = merged["sec"] if dist is not None else float(torch.tensor(times, dtype=torch.float64).quantile(0.5))
+    sec = merged["sec"] if dist is not None else statistics.median(times)
     r = Record(
         suite=run.suite, entry=run.entry, reproduction=run.reproduction, model=run.model,
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
@@ -455,10 +453,6 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         else:
             r.metrics[k] = v
     return r
-
-
-class _NoBatches(Exception):
-    """A rank of a distributed run with no batch to draw (more ranks than batches)."""
 
 
 def error_record(run: Run, device: torch.device, err: BaseException, model_hash: str = "") -> Record:

@@ -191,11 +191,15 @@ class BuiltOnDDPM:
         return DDPM_REPRO.load_model(cfg.base_model, cfg.base_overrides, device=device, cache_dir=cache_dir,
                                      progress=progress)
 
+    def base_checkpoints(self, cfg) -> list[str]:
+        """The checkpoints the base model loads (none for a config without ``base_model``)."""
+        if not hasattr(cfg, "base_model"):
+            return []
+        return DDPM_REPRO.needed_checkpoints(cfg.base_model, cfg.base_overrides, self.base_config(cfg))
+
     def needed_checkpoints(self, model: str, overrides: dict, cfg) -> list[str]:
-        """The base model's checkpoints, then this reproduction's own."""
-        base = DDPM_REPRO.needed_checkpoints(cfg.base_model, cfg.base_overrides, self.base_config(cfg)) \
-            if hasattr(cfg, "base_model") else []
-        return base + super().needed_checkpoints(model, overrides, cfg)
+        """The base model's checkpoints, then this reproduction's own (each once)."""
+        return list(dict.fromkeys(self.base_checkpoints(cfg) + super().needed_checkpoints(model, overrides, cfg)))
 
     def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
         """The base model's problems (its dataset, its cached checkpoint), then this reproduction's own."""

@@ -26,7 +26,7 @@ from bench_core import quant as Q
 from bench_core.quant import QuantConfig, QuantizedDenoiser
 from bench_core.train import CheckpointCache, config_hash
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
-from reproductions.ddpm import DDPM_REPRO, BuiltOnDDPM
+from reproductions.ddpm import BuiltOnDDPM
 
 EXECUTIONS = ("simulated", "int8")
 
@@ -107,7 +107,7 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
     def needed_checkpoints(self, model: str, overrides: dict, cfg: QDiffusionConfig) -> list[str]:
         """The base model's checkpoint and, when quantized, the cached calibration (shared by the simulated and
         int8 executions)."""
-        base = DDPM_REPRO.needed_checkpoints(cfg.base_model, cfg.base_overrides, self.base_config(cfg))
+        base = self.base_checkpoints(cfg)
         return base if cfg.quant.is_float else base + [self._hashes(cfg)[1]]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:

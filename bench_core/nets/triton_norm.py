@@ -17,8 +17,9 @@ runs the unfused torch ops so that training is unaffected.
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from bench_core.nets.unet import _group_norm_silu
 
 try:  # Triton ships with torch's CUDA wheels on Linux; elsewhere the option says it is unavailable
     import triton
@@ -93,6 +94,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+_INTERPRETING = interpreting()  # Triton read it at import too
+
+
 def available(device: torch.device | str) -> str | None:
     """None when the kernel can run on ``device``, else the reason it cannot."""
     if triton is None:
@@ -103,21 +107,13 @@ def available(device: torch.device | str) -> str | None:
     return None
 
 
-def _plain(x, weight, bias, groups, eps, scale, shift):
-    h = F.group_norm(x, groups, weight, bias, eps)
-    if scale is not None:
-        h = h * (1 + scale) + shift
-    return F.silu(h)
-
-
 def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
                     scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """silu(GroupNorm(x) [* (1 + scale) + shift]) for x of shape (B, C, H, W); scale/shift (B, C[, 1, 1])."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
-        return _plain(x, weight, bias, groups, eps, scale, shift)  # training: autograd through the torch ops
-    reason = available(x.device)
-    if reason:
-        raise RuntimeError(reason)
+        return _group_norm_silu(x, weight, bias, groups, eps, scale, shift)  # training: autograd through torch ops
+    if triton is None or not (x.is_cuda or _INTERPRETING):  # (cheap: this runs for every norm of every call)
+        raise RuntimeError(available(x.device))
     if x.ndim != 4:
         raise ValueError(f"group_norm_silu expects (B, C, H, W), got shape {tuple(x.shape)}")
     B, C, H, W = x.shape

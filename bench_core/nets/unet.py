@@ -212,10 +212,7 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool | str = False, scale: Te
                 raise
             _fused_fallback(f"compiling failed ({type(e).__name__}: {str(e)[:200]})")
             return _group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
-    h = norm(x)
-    if scale is not None:
-        h = h * (1 + scale) + shift
-    return F.silu(h)
+    return _group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,

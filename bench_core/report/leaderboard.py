@@ -137,7 +137,10 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
 
     # 2. one row per configuration, seeds averaged
     rows = []
-    for key in sorted(configs, key=lambda k: _group_order(k, configs[k])):
+    # a group's model name, with its variant label (one per group: the label is part of the model's hash)
+    names = {key: _model_name(key[1], [r for by_seed in by_cfg.values() for r in by_seed.values()])
+             for key, by_cfg in configs.items()}
+    for key in sorted(configs, key=lambda k: _group_order(k, names[k])):
         rep, model, mhash, dataset, extractor, reference, n = key
         group_rows = []
         for cfg, by_seed in configs[key].items():
@@ -146,7 +149,7 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
             row = {
                 "group": group_label(key), "rank": 0,
                 "reproduction": ", ".join(sorted({str(x.get("reproduction") or "") for x in recs} - {""})) or rep,
-                "model": _model_name(model, recs), "sampler": label,
+                "model": names[key], "sampler": label,
                 "steps": steps, "n_seeds": len(recs), "device_name": device_name or device,
                 "model_hash": mhash, "dataset": dataset, "fid_extractor": extractor, "fid_reference": reference,
                 "num_samples": n, "device": device, "dtype": dtype,
@@ -171,13 +174,11 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
     return _typed(pd.DataFrame(rows, columns=COLUMNS))
 
 
-def _group_order(key: tuple, by_config: dict) -> tuple:
-    """Groups sorted by reproduction and model, then by variant label in natural order (scale=0.5 before
-    scale=2 before scale=8), then by the rest of the key."""
-    recs = [r for by_seed in by_config.values() for r in by_seed.values()]
-    label = _model_name(key[1], recs)
+def _group_order(key: tuple, name: str) -> tuple:
+    """Groups sorted by reproduction and model, then by the model's name with its variant label in natural
+    order (scale=0.5 before scale=2 before scale=8), then by the rest of the key."""
     natural = tuple((0, float(t), "") if re.fullmatch(r"\d+(?:\.\d+)?", t) else (1, 0.0, t)
-                    for t in re.split(r"(\d+(?:\.\d+)?)", label) if t)
+                    for t in re.split(r"(\d+(?:\.\d+)?)", name) if t)
     return (key[0], key[1], natural, key)
 
 
