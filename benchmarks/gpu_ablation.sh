@@ -72,14 +72,14 @@ $PY - "$DEST" <<'PY' || status=1
 import sys
 from bench_core.records import load_records
 from bench_core.report.leaderboard import markdown_table, records_df
+from bench_core.report.scorecard import scorecard, scorecard_markdown
 from reproductions.speed import SPEED_REPRO
-df = records_df(load_records(sys.argv[1]))
+recs = load_records(sys.argv[1])
 parts = []
-for title, t in SPEED_REPRO.tables(df).items():
+for title, t in SPEED_REPRO.tables(records_df(recs)).items():
     parts += [f"#### {title}", "", markdown_table(t), ""]
-for c in SPEED_REPRO.claims():
-    r = c.check(df.copy())
-    parts.append(f"- {c.id}: **{r.status}** - {r.ours}")
+sc = scorecard(recs)
+parts.append(scorecard_markdown(sc[sc["reproduction"] == "speed"]))
 text = "\n".join(parts) + "\n"
 open(f"{sys.argv[1]}/tables.md", "w").write(text)
 print(text)

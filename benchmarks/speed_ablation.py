@@ -125,6 +125,14 @@ class Writer:
                      timestamp=now(), status=status, error=error)
         self.store.append(rec)
 
+    def error(self, exc: BaseException, *, entry, network, cfg, batch, dtype="float32", metrics):
+        """Log a failed measurement with its traceback and record it (status error); the run goes on."""
+        msg = f"{type(exc).__name__}: {exc}"
+        log(f"  {entry}: ERROR {msg}")
+        traceback.print_exc(limit=3)
+        self.write(entry=entry, network=network, cfg=cfg, batch=batch, dtype=dtype, metrics=metrics,
+                   status="error", error=msg[:2000])
+
 
 # --------------------------------------------------------------------------------------------
 # The ablation
@@ -179,11 +187,7 @@ def run_network(name, sizes, device, writer, sets, warmup, attn_chunk):
                     warnings.simplefilter("ignore", UserWarning)  # e.g. sdpa kernel notes; the fallback is recorded
                     r = measure_set(net, cfg, opts, size, device, abar, ref, x_call, size.warmup or warmup)
             except Exception as e:  # noqa: BLE001 - one failing option never stops the ablation
-                msg = f"{type(e).__name__}: {e}"
-                log(f"  {entry}: ERROR {msg}")
-                traceback.print_exc(limit=3)
-                writer.write(entry=entry, network=name, cfg=cfg, batch=size.batch, dtype=opts.dtype,
-                             metrics=meta, status="error", error=msg[:2000])
+                writer.error(e, entry=entry, network=name, cfg=cfg, batch=size.batch, dtype=opts.dtype, metrics=meta)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
@@ -252,8 +256,7 @@ def sampler_overhead(writer, device, batch, repeats):
                 return den(x, s)
 
             with torch.no_grad():
-                sample_euler(recording, x_T, sig)
-                counter = NFECounter(den)
+                counter = NFECounter(recording)  # one run: the inputs of every call, and their count
                 sample_euler(counter, x_T, sig)
 
                 def bare():
@@ -268,11 +271,11 @@ def sampler_overhead(writer, device, batch, repeats):
                 else:
                     run = functools.partial(sample_euler, den, x_T, sig)
 
+                bare(), run()  # warm-up (graph capture, lazy init), untimed
                 t_bare, t_run = [], []
                 for _ in range(repeats):  # alternate, so machine noise hits both alike
-                    t_bare += time_fn(bare, warmup=1, repeats=1, device=device)["all"]
+                    t_bare += time_fn(bare, warmup=0, repeats=1, device=device)["all"]
                     t_run += time_fn(run, warmup=0, repeats=1, device=device)["all"]
-            t_bare.sort(), t_run.sort()
             med = statistics.median
             ratio = med(t_run) / med(t_bare)
             meta.update(nfe=counter.count, sec_bare_calls=med(t_bare), sec_sample=med(t_run),
@@ -283,10 +286,7 @@ def sampler_overhead(writer, device, batch, repeats):
             log(f"  {entry}: sampler {med(t_run) * 1e3:.2f} ms / {counter.count} bare calls "
                 f"{med(t_bare) * 1e3:.2f} ms = {ratio:.4f} (target <= 1.02)")
         except Exception as e:  # noqa: BLE001
-            log(f"  {entry}: ERROR {type(e).__name__}: {e}")
-            traceback.print_exc(limit=3)
-            writer.write(entry=entry, network=name, cfg=cfg, batch=batch, metrics=meta, status="error",
-                         error=f"{type(e).__name__}: {e}"[:2000])
+            writer.error(e, entry=entry, network=name, cfg=cfg, batch=batch, metrics=meta)
 
 
 def diffusers_unet(cfg):
@@ -359,10 +359,7 @@ def diffusers_compare(writer, device, batch, repeats, warmup):
                          peak=pm.peak_mb, peak_method=pm.method, repeats=call["repeats"])
             log(f"  {entry}: {call['median'] * 1e3:.2f} ms per call ({label}, {n_params / 1e6:.2f}M params)")
         except Exception as e:  # noqa: BLE001
-            log(f"  {entry}: ERROR {type(e).__name__}: {e}")
-            traceback.print_exc(limit=3)
-            writer.write(entry=entry, network=name, cfg=cfg, batch=batch, dtype="bfloat16", metrics=meta,
-                         status="error", error=f"{type(e).__name__}: {e}"[:2000])
+            writer.error(e, entry=entry, network=name, cfg=cfg, batch=batch, dtype="bfloat16", metrics=meta)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

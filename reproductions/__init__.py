@@ -175,6 +175,15 @@ def ok_rows(df, *present: str, **eq):
     return df[m]
 
 
+def largest_group(df, *cols: str):
+    """The rows of the most common combination of ``cols`` (a table or claim compares like with like: the
+    same extractor, sample count, ...); ties go to the combination seen first."""
+    key = df[cols[0]].astype(str)
+    for c in cols[1:]:
+        key = key + "|" + df[c].astype(str)
+    return df[key == key.value_counts().idxmax()]
+
+
 def unet_config_hash(family: str, cfg) -> str:
     """Checkpoint key of a config holding a U-Net under ``unet``: the network's architecture (not its
     kernels' runtime choices) and every other field."""

@@ -29,10 +29,12 @@ import torch
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.guidance import ClassifierFreeGuidance, ClassifierGuidance, balanced_labels
 from bench_core.nets.classifier import ClassifierConfig, NoisyClassifier, noisy_classifier_loss
-from bench_core.nets.unet import UNet
+from bench_core.nets.unet import UNet, count_parameters
 from bench_core.schedules import alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
+from reproductions import (
+    Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, unet_config_hash,
+)
 from reproductions.ddpm import DDPM, MODELS as DDPM_MODELS, DDPMConfig, BuiltOnDDPM, config_dict, l_simple
 
 
@@ -80,11 +82,6 @@ def _ablation_repro() -> DDPM:
 
 
 _ABL = _ablation_repro()
-
-
-def cfg_loss(abar: torch.Tensor, p_uncond: float, null_label: int):
-    """L_simple with the label replaced by the null label with probability p_uncond (Ho & Salimans 2022, Alg. 1)."""
-    return l_simple(abar, p_uncond, null_label)
 
 
 def class_accuracy_metric(num_classes: int = 10):
@@ -204,7 +201,7 @@ class ADM(BuiltOnDDPM, Reproduction):
             return self._load_cfg(cfg, h, device=device, cache_dir=cache_dir, progress=progress)
         lm = _ABL.load_model(model, overrides, device=device, cache_dir=cache_dir, progress=progress)
         lm.model_metrics = {"unet_variant": "adm" if cfg.unet.scale_shift_norm else "ddpm",
-                            "params": sum(p.numel() for p in lm.denoiser.model.parameters())}
+                            "params": count_parameters(lm.denoiser.model)}
         return lm
 
     def _load_cfg(self, cfg: CFGConfig, h: str, *, device, cache_dir, progress) -> LoadedModel:
@@ -217,7 +214,7 @@ class ADM(BuiltOnDDPM, Reproduction):
 
         def train_fn(net):
             data = load_dataset(d.dataset, **d.dataset_opts)
-            stats = train(net, cfg_loss(abar, cfg.p_uncond, K), data.x, d.train, labels=data.labels,
+            stats = train(net, l_simple(abar, cfg.p_uncond, K), data.x, d.train, labels=data.labels,
                           progress=progress, desc="train adm/cfg", device=device)
             return {"config": config_dict(cfg), **stats}
 
@@ -330,9 +327,7 @@ def guidance_sweep(df, model: str, col: str, numeric: bool = False) -> pd.DataFr
     d = d[d[col].notna()]
     if len(d) == 0:
         return pd.DataFrame()
-    key = (d["sampler"].astype(str) + "|" + d["sampler_opts"].astype(str) + "|" + d["steps"].astype(str) + "|"
-           + d["grid"].astype(str) + "|" + d["num_samples"].astype(str) + "|" + d["fid_extractor"].astype(str))
-    d = d[key == key.value_counts().idxmax()]
+    d = largest_group(d, "sampler", "sampler_opts", "steps", "grid", "num_samples", "fid_extractor")
     cols = ["fid", "precision", "recall", "class_accuracy", "nfe", "grad_evals", "samples_per_sec"]
     t = d.groupby(col, as_index=False).agg({**{c: "mean" for c in cols}, "sampler": "first", "steps": "first",
                                             "num_samples": "first"}).sort_values(col)

@@ -27,7 +27,7 @@ from bench_core.denoiser import ConsistencyPrecond
 from bench_core.nets.unet import UNet, UNetConfig
 from bench_core.schedules import karras_grid
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register
 from reproductions.ddpm import config_dict
 from reproductions.edm import EDM_REPRO, MODELS as EDM_MODELS, EDMConfig
 
@@ -275,8 +275,7 @@ def _cm_records(df):
     d = ok_rows(df, "fid", reproduction="consistency", sampler="consistency")
     if len(d) == 0:
         return None
-    key = d["fid_extractor"].astype(str) + "|" + d["num_samples"].astype(str)
-    return d[key == key.value_counts().idxmax()]
+    return largest_group(d, "fid_extractor", "num_samples")
 
 
 def _mode(metrics) -> str | None:

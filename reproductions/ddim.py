@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 
 from bench_core.records import decode_preview
-from reproductions import Claim, ClaimResult, Reproduction, ok_rows, register
-from reproductions.ddpm import DDPM_REPRO
+from reproductions import Claim, ClaimResult, largest_group, ok_rows, register
+from reproductions.ddpm import DDPM
 
 S_COLUMNS = (10, 20, 50, 100, 1000)
 # Table 1, CIFAR-10 FID (quadratic timestep subsets).  Rows eta = 0, 0.2, 0.5, 1 and sigma-hat.
@@ -51,8 +51,7 @@ def table1_cells(df, model: str = "digits", skip: str = "uniform") -> dict:
     if len(d) == 0:
         return out
     # a table compares only like with like: keep the largest comparable group (extractor, n samples)
-    key = d["fid_extractor"].astype(str) + "|" + d["num_samples"].astype(str) + "|" + d["model_hash"].astype(str)
-    d = d[key == key.value_counts().idxmax()]
+    d = largest_group(d, "fid_extractor", "num_samples", "model_hash")
     for row in ROWS:
         r = d[_row_mask(d, row)]
         for S in S_COLUMNS:
@@ -66,26 +65,13 @@ def _paper(v: float) -> str:
     return f"{v:g}" if v in VERIFIED else f"{v:g} (≈)"
 
 
-class DDIM(Reproduction):
+class DDIM(DDPM):
+    """The same trained models as DDPM (configs, hashes, checkpoints, loading): only DDIM's tables, plots and
+    claims are its own."""
+
     name = "ddim"
     title = "Song, Meng & Ermon 2021 — Denoising Diffusion Implicit Models"
     paper_url = "https://arxiv.org/abs/2010.02502"
-    models = DDPM_REPRO.models  # the same trained models as DDPM
-
-    def model_config(self, model, overrides=None):
-        return DDPM_REPRO.model_config(model, overrides)
-
-    def model_hash(self, model, overrides):
-        return DDPM_REPRO.model_hash(model, overrides)
-
-    def override_errors(self, model, overrides):
-        return DDPM_REPRO.override_errors(model, overrides)
-
-    def preflight(self, model, overrides, *, cache_dir):
-        return DDPM_REPRO.preflight(model, overrides, cache_dir=cache_dir)
-
-    def load_model(self, model, overrides, *, device, cache_dir, progress=True):
-        return DDPM_REPRO.load_model(model, overrides, device=device, cache_dir=cache_dir, progress=progress)
 
     # ---------------------------------------------------------------------------------------
     def tables(self, df):

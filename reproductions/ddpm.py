@@ -198,8 +198,8 @@ class BuiltOnDDPM:
         return DDPM_REPRO.needed_checkpoints(cfg.base_model, cfg.base_overrides, self.base_config(cfg))
 
     def needed_checkpoints(self, model: str, overrides: dict, cfg) -> list[str]:
-        """The base model's checkpoints, then this reproduction's own (each once)."""
-        return list(dict.fromkeys(self.base_checkpoints(cfg) + super().needed_checkpoints(model, overrides, cfg)))
+        """The base model's checkpoints, then this reproduction's own."""
+        return self.base_checkpoints(cfg) + super().needed_checkpoints(model, overrides, cfg)
 
     def preflight(self, model: str, overrides: dict, *, cache_dir) -> list[str]:
         """The base model's problems (its dataset, its cached checkpoint), then this reproduction's own."""

@@ -22,7 +22,7 @@ import torch
 from bench_core.denoiser import EDMPrecond
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, unet_config_hash
 from reproductions.ddpm import config_dict
 
 
@@ -220,8 +220,7 @@ def panel_records(df, panel: str):
     d = d[d["reproduction"].isin(PANELS[panel]) & (d["model"] == "digits")]
     if len(d) == 0:
         return None
-    key = d["fid_extractor"].astype(str) + "|" + d["num_samples"].astype(str) + "|" + d["model_hash"].astype(str)
-    return d[key == key.value_counts().idxmax()]
+    return largest_group(d, "fid_extractor", "num_samples", "model_hash")
 
 
 FIG2_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "edm_stochastic")

@@ -25,10 +25,10 @@ import torch
 
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.autoencoder import Autoencoder, AutoencoderConfig, LatentDecoder, autoencoder_loss
-from bench_core.nets.unet import UNet
+from bench_core.nets.unet import UNet, count_parameters
 from bench_core.schedules import alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, unet_config_hash
 from reproductions.ddpm import MODELS as DDPM_MODELS, DDPMConfig, config_dict, l_simple
 
 RESOLUTION = 32
@@ -137,7 +137,7 @@ class LDM(Reproduction):
             decoder, ae_meta, ae_now = self.load_autoencoder(cfg, device=device, cache_dir=cache_dir, progress=progress)
             train_sec += ae_meta.get("train_sec", 0.0) if ae_now else 0.0
             mm.update(rfid=ae_meta.get("rfid"), rfid_n=ae_meta.get("rfid_n"), ae_scale_factor=ae_meta["scale_factor"],
-                      ae_params=sum(p.numel() for p in decoder.parameters()))
+                      ae_params=count_parameters(decoder))
         abar = alphas_cumprod(d.betas())
         net = seeded_init(lambda: UNet(d.unet), d.train.seed)
 
@@ -150,7 +150,7 @@ class LDM(Reproduction):
         meta, trained_now = CheckpointCache(cache_dir).load_or_train(h, net, train_fn)
         train_sec += meta.get("train_sec", 0.0) if trained_now else 0.0
         net = net.to(device).eval()
-        mm["unet_params"] = sum(p.numel() for p in net.parameters())
+        mm["unet_params"] = count_parameters(net)
         mm["latent_shape"] = "x".join(str(s) for s in (d.unet.in_channels, d.unet.resolution, d.unet.resolution))
         den = DiscreteVPEpsDenoiser(net, abar).to(device)
         shape = (d.unet.in_channels, d.unet.resolution, d.unet.resolution)
@@ -236,8 +236,7 @@ def ldm_table(df) -> pd.DataFrame:
     d = ok_rows(df, "fid", reproduction="ldm").copy()
     if len(d) == 0:
         return pd.DataFrame(columns=cols)
-    key = d["fid_extractor"].astype(str) + "|" + d["num_samples"].astype(str) + "|" + d["fid_reference"].astype(str)
-    d = d[key == key.value_counts().idxmax()]
+    d = largest_group(d, "fid_extractor", "num_samples", "fid_reference")
     for c in ("f", "latent_shape", "rfid", "fid_real_data"):
         d[c] = d["metrics"].map(lambda m, c=c: (m or {}).get(c))
     d["sampler"] = d["sampler"].astype(str) + d["sampler_opts"].map(

@@ -49,19 +49,12 @@ SET_ORDER = ("baseline", "attn_chunked", "attn_sdpa", "fused_norm_act", "fused_n
              "channels_last", "bf16", "fp16", "cuda_graph", "all")
 
 
-def _m(r, key, default=None):
-    m = r.get("metrics") if isinstance(r, dict) else r["metrics"]
-    return (m or {}).get(key, default) if isinstance(m, dict) else default
-
-
-def speed_records(df, kind: str = "ablation", status_ok: bool = True) -> pd.DataFrame:
+def speed_records(df, kind: str = "ablation") -> pd.DataFrame:
     """This paper's records of one kind (``ablation``, ``overhead`` or ``diffusers``), metrics flattened;
     of repeated measurements of one (device, network, batch, option set) the latest wins."""
     if df is None or len(df) == 0 or "reproduction" not in df.columns:
         return pd.DataFrame()
-    d = df[(df["reproduction"] == "speed")]
-    if status_ok:
-        d = d[d["status"] == "ok"]
+    d = ok_rows(df, reproduction="speed")
     d = d[d["metrics"].map(lambda m: isinstance(m, dict) and m.get("kind") == kind)]
     if len(d) == 0:
         return pd.DataFrame()
@@ -72,7 +65,6 @@ def speed_records(df, kind: str = "ablation", status_ok: bool = True) -> pd.Data
             "device": r.get("device") or "", "device_name": r.get("device_name") or r.get("device") or "?",
             "network": m.get("network") or r.get("model"), "batch": int(r.get("batch_size") or 0),
             "set": m.get("option_set", ""), "label": m.get("options_label", ""), "dtype": r.get("dtype") or "float32",
-            "status": r.get("status"), "error": r.get("error"),
             "sec_per_call": m.get("sec_per_call"), "sec_per_sample": r.get("sec_per_batch"),
             "nfe": r.get("nfe"), "peak_mb": r.get("peak_mem_mb"), "rel_err": m.get("rel_err"),
             "tolerance": m.get("tolerance"), "equal": m.get("equal_within_tol"),
@@ -151,6 +143,9 @@ class Speed(BuiltOnDDPM, Reproduction):
         """The base model's hash: the weights are the ddpm reproduction's (the options change no parameter)."""
         return self.base_hash(cfg)
 
+    def cached_modules(self, model, overrides, cfg):
+        return []  # nothing of its own: the base model's checkpoint (BuiltOnDDPM) is all it loads
+
     def preflight(self, model, overrides, *, cache_dir):
         cfg = self.model_config(model, overrides)
         problems = super().preflight(model, overrides, cache_dir=cache_dir)  # the base model's
@@ -164,8 +159,9 @@ class Speed(BuiltOnDDPM, Reproduction):
         base = self.load_base(cfg, device=device, cache_dir=cache_dir, progress=progress)
         from bench_core.schedules import alphas_cumprod
 
+        # the freshly loaded base network is this model's alone: accelerate it in place, not a copy
         abar = alphas_cumprod(self.base_config(cfg).betas())
-        den = accelerated_denoiser(base.denoiser.model, cfg.options, abar, device=device)
+        den = accelerated_denoiser(base.denoiser.model, cfg.options, abar, device=device, inplace=True)
         return LoadedModel(den, base.model_hash, base.dataset, base.sample_shape, train_sec=base.train_sec,
                            dataset_opts=base.dataset_opts, dtype=cfg.options.dtype,
                            model_metrics={"speed_options": cfg.options.label(), "speed_base": f"ddpm/{cfg.base_model}"})

@@ -205,13 +205,7 @@ def test_config_validation_errors():
 
     adm = reproductions.get("adm")
     assert adm.override_errors("guided", {"scale": -1.0})
-    # the base model (a ddpm preset and its overrides): the field, the value given and what is allowed
-    assert adm.override_errors("guided", {"base_model": "nope"}) == [
-        "base_model: unknown ddpm preset 'nope' (known: digits, cifar10)"]
-    errs = adm.override_errors("guided", {"base_overrides": {"train": {"stepz": 3}}})
-    assert len(errs) == 1 and errs[0].startswith("base_overrides.train.stepz: unknown field (known: ")
-    with pytest.raises(ValueError, match="base_overrides.T: expected int, got str 'x'"):
-        adm.model_hash("guided", {"base_overrides": {"T": "x"}})
+    # (the base model's validation, for every reproduction built on a ddpm preset: tests/test_base_model.py)
     assert adm.override_errors("guided", {"scael": 1.0})
     assert adm.override_errors("cfg", {"p_uncond": 1.5})
     assert adm.override_errors("nope", {})

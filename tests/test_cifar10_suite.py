@@ -9,7 +9,6 @@ import yaml
 from bench_core.cli import main
 from bench_core.suite import load_suite
 from test_data import _write_tiny_cifar
-from test_metrics import random_inception_weights  # noqa: F401  (a fixture)
 
 
 def test_cifar10_suite_is_the_papers_setting():

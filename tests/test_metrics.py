@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -241,21 +240,7 @@ def test_reference_cache_hit_and_keyed_by_count(digits, extractor, tmp_path, mon
 # Inception path (random weights written by the test; nothing is downloaded)
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for m in net.modules():  # keep activations O(1) through the random network
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    torch.save(net.state_dict(), path)
-    return path
-
+# the random_inception_weights fixture (an Inception weights file written by the tests) is in conftest.py
 
 @pytest.mark.filterwarnings("ignore:Inception weights")
 def test_inception_path(random_inception_weights, monkeypatch):
