@@ -18,12 +18,23 @@ def _records_paths(args) -> list[Path]:
     return paths
 
 
-def _load_suite(name):
+def suite_slug(name: str) -> str | None:
+    """The folder name a suite's name gives under runs/: letters, digits, '.', '_' and '-' (others become '-');
+    None for a name that is absolute, walks up ('..') or has nothing left."""
+    import re
+
+    if not isinstance(name, str) or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+        return None
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
+    return slug or None
+
+
+def _load_suite(name, train_seed: int = 0):
     """The validated suite, or None after printing every problem to stderr."""
     from .suite import SuiteError, load_suite
 
     try:
-        return load_suite(name)
+        return load_suite(name, train_seed_offset=train_seed)
     except (SuiteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -52,10 +63,21 @@ def _dry_run(args, suite, out: Path) -> int:
 def cmd_run(args) -> int:
     from .suite import PreflightError, run_suite
 
-    suite = _load_suite(args.suite)
+    if args.train_seed < 0:
+        print(f"error: --train-seed must be >= 0, got {args.train_seed}", file=sys.stderr)
+        return 2
+    suite = _load_suite(args.suite, args.train_seed)
     if suite is None:
         return 2
-    out = Path(args.out or Path("runs") / suite.name)
+    if args.out:
+        out = Path(args.out)
+    else:  # the suite's name picks a folder inside runs/, never a path outside it
+        slug = suite_slug(suite.name)
+        if slug is None:
+            print(f"error: suite name {suite.name!r} cannot name an output folder (absolute, '..' or empty); "
+                  f"give --out DIR or rename the suite", file=sys.stderr)
+            return 2
+        out = Path("runs") / slug
     if args.device == "cuda":
         import torch
 
@@ -94,20 +116,36 @@ def cmd_run(args) -> int:
     return 1 if summary["error"] and args.strict else 0
 
 
-def _print_leaderboard(records_paths, nfe_max=None, csv=None, group_filter=None):
-    """The leaderboard of the given records as Markdown on stdout, and as CSV when asked."""
+def _print_leaderboard(records_paths, nfe_max=None, csv=None, group_filter=None, nfe=None):
+    """The leaderboard of the given records as Markdown on stdout, and as CSV when asked; with ``nfe`` (a list of
+    NFE budgets) the few-step view instead: FID at matched NFE per sampler and model."""
     from .records import load_records
-    from .report.leaderboard import leaderboard, to_csv, to_markdown
+    from .report.leaderboard import leaderboard, nfe_view, nfe_view_markdown, to_csv, to_markdown
 
-    df = leaderboard(load_records(*records_paths), nfe_max=nfe_max, group_filter=group_filter)
-    print(to_markdown(df))
+    recs = load_records(*records_paths)
+    if nfe:
+        df = nfe_view(recs, nfe, group_filter=group_filter, min_samplers=1)
+        print(nfe_view_markdown(df))
+    else:
+        df = leaderboard(recs, nfe_max=nfe_max, group_filter=group_filter)
+        print(to_markdown(df))
     if csv:
         to_csv(df, csv)
         print(f"wrote {csv}", file=sys.stderr)
 
 
+def _nfe_list(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 5,10,20, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 5,10,20, got {text!r}")
+    return vals
+
+
 def cmd_leaderboard(args) -> int:
-    _print_leaderboard(_records_paths(args), args.nfe_max, args.csv, args.filter)
+    _print_leaderboard(_records_paths(args), args.nfe_max, args.csv, args.filter, args.nfe)
     return 0
 
 
@@ -198,12 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(from earlier records of the same models), then stop")
     r.add_argument("--history", nargs="+", default=None, help="records used for the --dry-run time estimate "
                    "(default: results/ and --out)")
+    r.add_argument("--train-seed", type=int, default=0, metavar="K",
+                   help="add K to every entry's training seeds: the same suite on freshly trained models "
+                        "(another checkpoint in the cache; default: %(default)s)")
     r.set_defaults(fn=cmd_run)
 
     lb = sub.add_parser("leaderboard", help="rank comparable sampler configurations by FID")
     lb.add_argument("--records", nargs="+", help="records file(s) or folder(s) (default: results/)")
     lb.add_argument("--nfe-max", type=float, default=None, help="only configurations with NFE <= this budget")
     lb.add_argument("--filter", default=None, help="only groups whose label contains this text")
+    lb.add_argument("--nfe", type=_nfe_list, default=None, metavar="N,N,...",
+                    help="few-step view: FID at these NFE budgets (e.g. 5,10,20) for every sampler and model, "
+                         "with 95%% intervals and ties")
     lb.add_argument("--csv", default=None, help="also write the leaderboard as CSV to this file")
     lb.set_defaults(fn=cmd_leaderboard)
 

@@ -102,3 +102,60 @@ def bits_per_dim(denoiser, u8: Tensor, *, seed: int = 0, trace: str = "hutchinso
     logp = ode_log_likelihood(denoiser, x, trace=trace, probe=probe, rtol=rtol, atol=atol, generator=noise, cond=cond)
     D = x[0].numel()
     return -logp / (D * math.log(2)) + math.log2(256 / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Baselines a likelihood is read against
+# --------------------------------------------------------------------------------------------
+def gaussian_log_density(x: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
+    """log N(x; mean, cov) per row of ``x`` (N, D), float64, through the Cholesky factor of ``cov``."""
+    x, mean, cov = x.double().flatten(1), mean.double().flatten(), cov.double()
+    L = torch.linalg.cholesky(cov)
+    z = torch.linalg.solve_triangular(L, (x - mean).T, upper=False)          # L z = (x - mean)
+    D = x.shape[1]
+    return -0.5 * (z**2).sum(0) - torch.log(torch.diagonal(L)).sum() - 0.5 * D * math.log(2 * math.pi)
+
+
+def fit_gaussian(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Maximum-likelihood mean and full covariance of rows of ``x`` (N, D), float64."""
+    x = x.double().flatten(1)
+    mean = x.mean(0)
+    xc = x - mean
+    return mean, xc.T @ xc / x.shape[0]
+
+
+def gaussian_bits_per_dim(train_u8: Tensor, eval_u8: Tensor, *, seed: int = 0) -> Tensor:
+    """Bits/dim of ``eval_u8`` under a full-covariance Gaussian fitted to ``train_u8``, per image: the baseline a
+    model's ``bits_per_dim`` is read against.  Both sets are dequantized exactly as ``bits_per_dim`` does
+    (y = k + U[0, 1), x = y / 128 - 1; the evaluation set with the same ``seed``, so image i gets the same
+    dequantization noise as under the model), hence bits/dim = -log N(x) / (D ln 2) + 7."""
+    g_eval = torch.Generator().manual_seed(int(seed))
+    x_eval = dequantize(eval_u8.cpu(), g_eval).flatten(1)
+    x_train = dequantize(train_u8.cpu(), torch.Generator().manual_seed(int(seed) + 1)).flatten(1)
+    mean, cov = fit_gaussian(x_train)   # positive definite: the dequantization noise has variance 1/(12*128^2)
+    D = x_eval.shape[1]
+    return -gaussian_log_density(x_eval, mean, cov) / (D * math.log(2)) + math.log2(256 / 2)
+
+
+def knn_entropy(x: Tensor, k: int = 4) -> tuple[float, float]:
+    """Kozachenko-Leonenko estimate of the differential entropy (nats) of the distribution of the rows of ``x``
+    (N, d), with its standard error: H = psi(N) - psi(k) + log V_d + d * mean(log r_k), r_k the Euclidean
+    distance of each point to its k-th nearest other point, V_d the volume of the unit d-ball (Kozachenko &
+    Leonenko 1987; Kraskov, Stoegbauer & Grassberger 2004, Eq. 20).  The standard error is that of the mean
+    of the per-point terms (the terms are weakly dependent; a guide to the noise, not an exact interval)."""
+    from scipy.special import digamma, gammaln
+
+    x = x.double().flatten(1)
+    N, d = x.shape
+    if N <= k:
+        raise ValueError(f"need more than k={k} points, got {N}")
+    log_r = torch.empty(N, dtype=torch.float64)
+    for i in range(0, N, 1024):  # blocks of rows: memory O(1024 N)
+        dist = torch.cdist(x[i:i + 1024], x)
+        dist[torch.arange(dist.shape[0]), torch.arange(i, i + dist.shape[0])] = float("inf")  # not itself
+        r_k = dist.kthvalue(k, dim=1).values
+        log_r[i:i + 1024] = torch.log(r_k.clamp_min(1e-300))
+    log_vd = 0.5 * d * math.log(math.pi) - float(gammaln(0.5 * d + 1))
+    terms = d * log_r
+    H = float(digamma(N) - digamma(k)) + log_vd + float(terms.mean())
+    return H, float(terms.std() / math.sqrt(N))

@@ -26,15 +26,23 @@ Q-Diffusion's three ingredients, each switchable in :class:`QuantConfig`:
 
 The quantized network runs behind :class:`QuantizedDenoiser`, a denoiser wrapper, so every sampler
 runs on it.  :func:`to_int8` converts a calibrated W<=8 A8 network to **real int8 execution** on the
-CPU: int8 activations and weights, ``torch._int_mm`` int8 x int8 -> int32 GEMMs (im2col for
-convolutions) with the zero-point correction, scaled back to float between layers (GroupNorm, SiLU, the residual
-adds, attention's softmax and the time embedding's sinusoid stay in float).  It computes the
-same function as the fake-quant network up to float summation order.
+CPU with our calibrated steps and zero points: uint8 activations and int8 weights (4-bit weights in int8
+storage) through PyTorch's maintained oneDNN int8 kernels (``torch.ops.onednn.qconv_pointwise`` /
+``qlinear_pointwise``, the ops Inductor's x86 int8 lowering calls; zero-point compensation, the float32 output
+scales and the bias inside the kernel, weights prepacked once), scaled back to float between layers (GroupNorm,
+SiLU, the residual adds, attention's softmax and the time embedding's sinusoid stay in float).  On CPUs whose int8
+dot product saturates (AVX2 without VNNI, found by a probe) 8-bit weights run as two exact passes ``16 hi + lo``.
+The hand-written ``torch._int_mm`` path (im2col in Python, slower than float32) is kept only as the fallback where
+oneDNN's kernels are missing or not exact; :func:`to_int8` warns when it is used.  Either computes the same
+function as the fake-quant network up to float summation order (a value within float rounding of a quantizer's
+rounding boundary may land one step away).
 """
 from __future__ import annotations
 
 import copy
 import math
+import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -640,53 +648,207 @@ def quantize_net(net: nn.Module, cfg: QuantConfig, calib: CalibSet | None) -> tu
 # --------------------------------------------------------------------------------------------
 # Real int8 execution (CPU)
 # --------------------------------------------------------------------------------------------
-def int8_available() -> bool:
-    """True when torch._int_mm (int8 x int8 -> int32 GEMM) runs on the CPU."""
-    try:
-        a = torch.ones(32, 16, dtype=torch.int8)
-        return bool(torch._int_mm(a, a.t().contiguous()).dtype == torch.int32)
-    except Exception:
-        return False
+INT8_BACKENDS = ("onednn", "int_mm")
+INT8_EXECUTION = {  # the records' ``quant_execution`` for each backend
+    "onednn": "real-int8 (oneDNN u8 x s8 qconv/qlinear -> fp32, CPU)",
+    "int_mm": "real-int8 (hand-written torch._int_mm fallback, CPU)",
+}
 
 
-class Int8Layer(nn.Module):
-    """A calibrated :class:`QuantLayer` executed in integer arithmetic.
+class _Int8Base(nn.Module):
+    """A calibrated :class:`QuantLayer` executed in integer arithmetic (the backends' common part).
 
-    Input: ``q = clamp(round(x / s) + z, 0, 255) - 128`` (int8, zero point ``z' = z - 128``); weights: the
-    quantizer's integers (int8, |w| <= 127 for 8 bits, 4-bit values stored in int8).  Per channel group g:
-    ``acc_g = W_g q_g`` in int32 (``torch._int_mm``; convolutions through im2col on the int8 tensor, padded
-    with z' so a pad is real 0), ``y = sum_g s_g s_w[:, g] (acc_g - z'_g sum_k W_g[:, k]) + bias``.
+    Per input-channel group g (one group unless the shortcut is split): the activation step ``s_g`` (float32, as the
+    simulated quantizer uses it) and zero point ``z_g`` in [0, 255], the input's integers
+    ``q_g = clamp(round(x_g / s_g) + z_g, 0, 255)`` (uint8), the quantizer's integer weights ``W_g`` (int8; 4-bit
+    values stored in int8) and their per-output-channel steps ``s_w[:, g]``.  The layer computes
+    ``y = sum_g s_g s_w[:, g] * (W_g (q_g - z_g)) + bias``, the integer products accumulated exactly in int32: the
+    simulated layer's function up to float summation order (and a tie of round(x / s) resolved the other way).
     """
+
+    backend = ""
 
     def __init__(self, q: QuantLayer):
         super().__init__()
         if q.a_bits != 8 or q.w_bits == FLOAT_BITS or q.w_bits > 8:
             raise ValueError(f"real int8 execution needs 8-bit activations and <= 8-bit weights, got W{q.w_bits}A{q.a_bits}")
-        self.kind, self.groups = q.kind, list(q.groups)
+        self.kind, self.groups, self.w_bits = q.kind, list(q.groups), q.w_bits
         self.conv_args = dict(q.conv_args) if q.kind == "conv" else {}
         self.k = tuple(q.weight.shape[2:]) if q.kind == "conv" else ()
-        self.bias = None if q.bias is None else q.bias.detach().clone()
-        self.w_mats, self.zp_rowsum, self.out_scale, self.s_in, self.z_in = [], [], [], [], []
-        w_int = q.w_int.round().to(torch.int32)
-        c0 = 0
-        for g, (n, (lo, hi)) in enumerate(zip(self.groups, q.a_lohi.tolist())):
+        self.bias = None if q.bias is None else q.bias.detach().float().clone()
+        w_int = q.w_int.round().to(torch.int8)
+        self._dtype_probe = torch.empty(0)
+        # per group: (first input channel, channels, s_g, z_g, W_g int8 (out, n, kh, kw) or (out, n), s_w[:, g])
+        self.parts_q = []
+        for g, (sl, (lo, hi)) in enumerate(zip(_group_slices(self.groups), q.a_lohi.tolist())):
             s, z = act_qparams(lo, hi, 8)
-            wg = w_int[:, c0:c0 + n]
-            if wg.ndim == 4:                                           # K order (kh, kw, c), as the columns
-                wg = wg.permute(0, 2, 3, 1)
-            wg = wg.reshape(w_int.shape[0], -1)                        # (out, K_g)
-            self.w_mats.append(wg.to(torch.int8).t().contiguous())     # (K_g, out)
-            self.zp_rowsum.append((z - 128) * wg.sum(1))               # (out,) int32: zero point x weight row sums
-            self.out_scale.append((s * q.w_scale[:, g].double()).float())  # (out,)  s_g * s_w[:, g]
-            self.s_in.append(s)
-            self.z_in.append(z - 128)
-            c0 += n
+            s32 = float(torch.tensor(s, dtype=torch.float32))          # the simulated quantizer's float32 step
+            self.parts_q.append((sl.start, sl.stop - sl.start, s32, int(z), w_int[:, sl].contiguous(),
+                                 q.w_scale[:, g].float().contiguous()))
+        self.out_features = int(w_int.shape[0])
 
     @property
     def weight(self) -> Tensor:
-        """An empty float32 tensor: callers read ``layer.weight.dtype`` for the dtype of float inputs (the
-        U-Net's time embedding does); the integer weights are in ``w_mats``."""
-        return torch.empty(0)
+        """An empty float32 tensor: callers read ``layer.weight.dtype`` for the dtype of float inputs (the U-Net's
+        time embedding does); the integer weights are the backend's."""
+        return self._dtype_probe
+
+    def stored_bytes(self) -> int:
+        """Bytes of the weights this layer executes with: int8 weights, float32 steps and bias."""
+        n = sum(w.numel() + 4 * ws.numel() for *_, w, ws in self.parts_q)
+        return n + (0 if self.bias is None else 4 * self.bias.numel())
+
+    def _group_input(self, x: Tensor, c0: int, n: int) -> Tensor:
+        return x if len(self.parts_q) == 1 else x.narrow(1, c0, n)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, W{self.w_bits}A8 in int8, groups={self.groups}, backend={self.backend}"
+
+
+class _Packed:
+    """Prepacked oneDNN weights: an opaque tensor that deepcopy cannot read; immutable, so copies share it."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: Tensor):
+        self.t = t
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _quantize_u8_qtensor(x: Tensor, s: float, z: int) -> Tensor:
+    """q = clamp(round(x / s) + z, 0, 255) as uint8 in one pass: ATen's quantizer (it multiplies by 1 / s, so a
+    value within an ulp of a rounding tie may land one step away from the simulated quantizer's), its quint8
+    storage read as a plain uint8 tensor (no copy; ``.view(torch.uint8)`` would keep the quantized flag and
+    crash on printing).  Quantized tensors are deprecated in PyTorch (pytorch#184982): where this stops
+    working the probe switches to :func:`_quantize_u8_exact`."""
+    q = torch.quantize_per_tensor(x.float(), s, z, torch.quint8)
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.shape, q.stride())
+
+
+def _quantize_u8_exact(x: Tensor, s: float, z: int) -> Tensor:
+    """The simulated quantizer's integers, exactly: clamp(round(x / s) + z, 0, 255) as uint8 (four passes)."""
+    y = x.float() / s
+    return y.round_().add_(z).clamp_(0, 255).to(torch.uint8)
+
+
+_QUANTIZE = {"fn": _quantize_u8_exact}
+
+
+def _quantize_u8(x: Tensor, s: float, z: int) -> Tensor:
+    return _QUANTIZE["fn"](x, s, z)
+
+
+# oneDNN's u8 x s8 products: with VNNI (vpdpbusd) or AMX they accumulate in int32 for any weight; on AVX2 without
+# VNNI the kernel adds adjacent product pairs in int16 with saturation (vpmaddubsw), exact only while
+# 255 * (|w1| + |w2|) <= 32767, i.e. for |w| <= 64.  The probe finds which holds on this CPU.
+_ONEDNN_WMAX = {"max": 128, "note": ""}
+_SPLIT_BASE = 16   # a weight beyond the safe range runs as 16 * hi + lo, hi in [-8, 8], lo in [-8, 7]: two exact passes
+
+
+def _split_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """int8 W -> (hi, lo) int8 with W = 16 hi + lo, lo in [-8, 7], hi in [-8, 8] (both exact for oneDNN on AVX2)."""
+    wi = w.to(torch.int16)
+    hi = torch.div(wi + 8, _SPLIT_BASE, rounding_mode="floor")
+    lo = wi - _SPLIT_BASE * hi
+    return hi.to(torch.int8), lo.to(torch.int8)
+
+
+class OneDNNInt8Layer(_Int8Base):
+    """The int8 layer on PyTorch's oneDNN int8 kernels (``torch.ops.onednn.qconv_pointwise`` /
+    ``qlinear_pointwise``: the kernels Inductor's x86 int8 lowering (PT2E + X86InductorQuantizer) calls, here fed
+    our calibrated steps and zero points directly): the input quantized to uint8 (``torch.quantize_per_tensor``,
+    one pass), the convolution / GEMM u8 x s8 -> s32 with the zero-point compensation, scaled to float32 with the
+    bias in the same kernel, weights prepacked once.  Several passes accumulate into the first one's output
+    (oneDNN's ``sum`` post-op for convolutions): a split layer's second channel group, and, on CPUs whose int8
+    dot product saturates (AVX2 without VNNI, see ``_ONEDNN_WMAX``), the two halves ``16 hi + lo`` of 8-bit
+    weights (4-bit weights always run in one pass).  Activations run channels-last."""
+
+    backend = "onednn"
+
+    def __init__(self, q: QuantLayer):
+        super().__init__(q)
+        ops = torch.ops.onednn
+        wmax = _ONEDNN_WMAX["max"]
+        # passes: (group index, packed weights, per-output-channel steps of this pass)
+        self.passes, self.n_packed = [], 0
+        for gi, (_, _, s, z, w, ws) in enumerate(self.parts_q):
+            halves = [(w, ws)]
+            if int(w.abs().max()) > wmax:
+                hi, lo = _split_weight(w)
+                halves = [(hi, ws * _SPLIT_BASE), (lo, ws)]
+            for wh, wsh in halves:
+                wsh = wsh.float().contiguous()
+                if self.kind == "conv":
+                    a = self.conv_args
+                    p = ops.qconv_prepack(wh.contiguous(), wsh, s, z, list(a["stride"]), list(a["padding"]),
+                                          list(a["dilation"]), 1, None)
+                else:
+                    p = ops.qlinear_prepack(wh.contiguous(), None)
+                self.passes.append((gi, _Packed(p), wsh))
+                self.n_packed += wh.numel()
+        self.split_weights = len(self.passes) > len(self.parts_q)
+        self.w_zero = torch.zeros(self.out_features, dtype=torch.int64)   # symmetric weights
+        self.w_stored = sum(w.numel() for *_, w, _ in self.parts_q)        # int8 bytes of the quantized weights
+        self.parts_q = [(c0, n, s, z, None, ws) for c0, n, s, z, _, ws in self.parts_q]  # the packed copies run
+
+    def stored_bytes(self) -> int:
+        """The int8 weights (one byte each; a split layer's two halves are a run-time layout of the same bytes),
+        the float32 steps and the bias."""
+        n = self.w_stored + sum(4 * ws.numel() for *_, ws in self.parts_q)
+        return n + (0 if self.bias is None else 4 * self.bias.numel())
+
+    def forward(self, x: Tensor) -> Tensor:
+        ops = torch.ops.onednn
+        y, qs = None, {}
+        conv = self.kind == "conv"
+        for gi, p, ws in self.passes:
+            c0, n, s, z, _, _ = self.parts_q[gi]
+            if gi not in qs:
+                q = _quantize_u8(self._group_input(x, c0, n), s, z)
+                qs[gi] = q.contiguous(memory_format=torch.channels_last) if conv else q
+            q = qs[gi]
+            if not conv:
+                yg = ops.qlinear_pointwise(q, s, z, p.t, ws, self.w_zero, self.bias if y is None else None,
+                                           1.0, 0, torch.float32, "none", [], "")
+                y = yg if y is None else y.add_(yg)
+                continue
+            a = self.conv_args
+            if y is None:
+                y = ops.qconv_pointwise(q, s, z, p.t, ws, self.w_zero, self.bias, a["stride"], a["padding"],
+                                        a["dilation"], 1, 1.0, 0, torch.float32, "none", [], "")
+            else:  # y += this pass (oneDNN's sum post-op)
+                y = ops.qconv2d_pointwise.binary(q, s, z, p.t, ws, self.w_zero, y, None, a["stride"], a["padding"],
+                                                 a["dilation"], 1, 1.0, 0, torch.float32, 1.0, 0, "sum", 1.0,
+                                                 "none", [], "")
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", 8-bit weights as 16 hi + lo (two passes)" if self.split_weights else "")
+
+
+class IntMMInt8Layer(_Int8Base):
+    """The hand-written fallback (slower than float32; kept for builds without oneDNN's int8 kernels).
+
+    Input ``q - 128`` as int8 (zero point ``z' = z - 128``); per group ``acc_g = W_g q_g`` in int32 through
+    ``torch._int_mm`` (convolutions through im2col on the int8 tensor, padded with z' so a pad is real 0), then
+    ``y = sum_g s_g s_w[:, g] (acc_g - z'_g sum_k W_g[:, k]) + bias`` in float.
+    """
+
+    backend = "int_mm"
+
+    def __init__(self, q: QuantLayer):
+        super().__init__(q)
+        self.w_mats, self.zp_rowsum, self.out_scale = [], [], []
+        for _, _, s, z, w, ws in self.parts_q:
+            wg = w.to(torch.int32)
+            if wg.ndim == 4:                                           # K order (kh, kw, c), as the columns
+                wg = wg.permute(0, 2, 3, 1)
+            wg = wg.reshape(wg.shape[0], -1)                           # (out, K_g)
+            self.w_mats.append(wg.to(torch.int8).t().contiguous())     # (K_g, out)
+            self.zp_rowsum.append((z - 128) * wg.sum(1))               # (out,) int32: zero point x weight row sums
+            self.out_scale.append((s * ws.double()).float())           # (out,)  s_g * s_w[:, g]
 
     def _im2col(self, q: Tensor, zp: int) -> tuple[Tensor, int, int]:
         """(B, C, H, W) int8 -> (B * Ho * Wo, kh * kw * C) int8 columns, padded with the zero point.
@@ -710,11 +872,9 @@ class Int8Layer(nn.Module):
         x = x.float()
         B = x.shape[0]
         y = None
-        c0 = 0
-        for n, W, zrs, osc, s, zp in zip(self.groups, self.w_mats, self.zp_rowsum, self.out_scale, self.s_in, self.z_in):
-            xg = x[:, c0:c0 + n]
-            c0 += n
-            q = (torch.clamp(torch.round(xg / s) + (zp + 128), 0, 255) - 128).to(torch.int8)
+        for (c0, n, s, z, _, _), W, zrs, osc in zip(self.parts_q, self.w_mats, self.zp_rowsum, self.out_scale):
+            zp = z - 128
+            q = (torch.clamp(torch.round(self._group_input(x, c0, n) / s) + z, 0, 255) - 128).to(torch.int8)
             if self.kind == "conv":
                 cols, Ho, Wo = self._im2col(q, zp)
             else:
@@ -728,23 +888,181 @@ class Int8Layer(nn.Module):
             y = y.reshape(B, Ho, Wo, -1).permute(0, 3, 1, 2).contiguous()
         return y
 
-    def extra_repr(self) -> str:
-        return f"{self.kind}, int8 x int8 -> int32 (torch._int_mm), groups={self.groups}"
+
+INT8_LAYERS = {"onednn": OneDNNInt8Layer, "int_mm": IntMMInt8Layer}
+_PROBED: dict[str, str] = {}   # backend -> "" (works) or why not
 
 
-def to_int8(qnet: nn.Module) -> nn.Module:
-    """A copy of a calibrated fake-quant network with every quantized layer run in int8 arithmetic."""
-    if not int8_available():
-        raise RuntimeError("real int8 execution needs torch._int_mm on the CPU, not available in this torch build")
+def _probe_onednn() -> str:
+    """'' when oneDNN's int8 convolution and linear kernels run here and compute exactly, else why not.
+
+    Checks the kernels on the worst case for int16 pair sums (``_onednn_error``): exact in one pass (VNNI / AMX),
+    or, where one pass saturates (AVX2 without VNNI), exact with 8-bit weights split into two passes and with
+    |w| <= 64 in one pass; sets ``_ONEDNN_WMAX`` accordingly.  Also picks the input quantizer: the one-pass ATen
+    quantizer where it gives the simulated quantizer's integers, else the exact one."""
+    _QUANTIZE["fn"] = _quantize_u8_exact
+    try:
+        with warnings.catch_warnings():  # quantized tensors' deprecation notice (once per process): see the fallback
+            warnings.simplefilter("ignore")
+            s, z = 0.0625, 100                                    # every integer, the clamps, no ties: x / s = k + 0.3
+            x = (torch.arange(-120.0, 170.0) + 0.3) * s
+            if torch.equal(_quantize_u8_qtensor(x, s, z), _quantize_u8_exact(x, s, z)):
+                _QUANTIZE["fn"] = _quantize_u8_qtensor
+    except Exception:  # noqa: BLE001 - quantized tensors gone from this build: the exact quantizer stays
+        pass
+    try:
+        _ONEDNN_WMAX.update(max=128, note="one pass (the int8 dot product accumulates in int32)")
+        err = _onednn_error(128)
+        if err > 0.5:     # AVX2 without VNNI: int16 pair sums saturate; |w| <= 64 is exact, 8-bit weights are split
+            _ONEDNN_WMAX.update(max=64, note=f"8-bit weights in two passes 16 hi + lo (one pass saturates here: max "
+                                             f"error {err:.3g}; no VNNI)")
+            err = max(_onednn_error(128), _onednn_error(64))
+            if err > 0.5:
+                return f"oneDNN's int8 kernels are not exact on this CPU even for |w| <= 64 (max error {err:.3g})"
+        return ""
+    except Exception as e:  # noqa: BLE001 - an op missing from this build, or a kernel that refuses this CPU
+        return f"oneDNN int8 kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+
+
+def _onednn_error(w_end: int) -> float:
+    """Max |oneDNN - exact| of a 3x3 convolution (padding 1, stride 2, two channel groups summed) and a linear layer
+    whose weights are all -w_end or w_end - 1 (127 for 128) against inputs 200..255 (and the zero point's 0): the
+    worst case for int16 pair sums."""
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for layer, shape, groups in ((nn.Conv2d(16, 4, 3, stride=2, padding=1), (2, 16, 6, 6), [10, 6]),
+                                 (nn.Linear(16, 4), (3, 16), None)):
+        m = QuantLayer(layer, 8, 8, groups)
+        m.w_int.copy_(torch.where(torch.rand(m.w_int.shape, generator=g) < 0.5, -float(w_end), w_end - 1.0))
+        m.w_scale.fill_(1.0)
+        m.set_act_range(torch.tensor([[-5.0, 250.0]] * len(m.groups)))   # s = 1, z = 5: integers 0..255
+        x = torch.randint(200, 256, shape, generator=g).double() - 5
+        x.view(-1)[::7] = -5.0                                               # the zero point's integer, 0
+        with torch.no_grad():
+            got = OneDNNInt8Layer(m)(x.float()).double()
+            m.double()
+            want = m(x)
+        worst = max(worst, float((got - want).abs().max()))
+    return worst
+
+
+def onednn_weight_passes() -> str:
+    """How oneDNN runs 8-bit weights on this CPU (after the probe): one pass, or two (16 hi + lo) and why."""
+    int8_backend_problem("onednn")
+    return _ONEDNN_WMAX.get("note", "")
+
+
+def _probe_int_mm() -> str:
+    try:
+        a = torch.ones(32, 16, dtype=torch.int8)
+        return "" if torch._int_mm(a, a.t().contiguous()).dtype == torch.int32 else "torch._int_mm returned no int32"
+    except Exception as e:  # noqa: BLE001
+        return f"torch._int_mm unavailable on the CPU ({type(e).__name__})"
+
+
+def int8_backend_problem(backend: str) -> str:
+    """'' when ``backend`` runs (and, for oneDNN, computes exactly) on this machine, else why not; probed once."""
+    if backend not in INT8_BACKENDS:
+        raise ValueError(f"int8 backend must be one of {INT8_BACKENDS}, got {backend!r}")
+    if backend not in _PROBED:
+        _PROBED[backend] = _probe_onednn() if backend == "onednn" else _probe_int_mm()
+    return _PROBED[backend]
+
+
+def int8_backend() -> str | None:
+    """The int8 backend this machine runs: "onednn", else the hand-written "int_mm" fallback, else None."""
+    for b in INT8_BACKENDS:
+        if not int8_backend_problem(b):
+            return b
+    return None
+
+
+def int8_quantizer() -> str:
+    """Which input quantizer the oneDNN layers use: "aten-quantize_per_tensor" (one pass) or "exact-eager"."""
+    int8_backend_problem("onednn")
+    return "aten-quantize_per_tensor" if _QUANTIZE["fn"] is _quantize_u8_qtensor else "exact-eager"
+
+
+def int8_available() -> bool:
+    """True when some int8 backend runs on this CPU."""
+    return int8_backend() is not None
+
+
+def to_int8(qnet: nn.Module, backend: str | None = None) -> nn.Module:
+    """A copy of a calibrated fake-quant network with every quantized layer run in int8 arithmetic.
+
+    ``backend``: "onednn" (PyTorch's maintained oneDNN int8 kernels), "int_mm" (the hand-written fallback) or None:
+    oneDNN where it works, else the fallback with a warning saying why.  The copy's ``int8_backend`` says which ran.
+    """
+    if backend is None:
+        why = int8_backend_problem("onednn")
+        backend = "onednn"
+        if why:
+            backend = "int_mm"
+            warnings.warn(f"real int8: {why}; using the hand-written torch._int_mm fallback, slower than float32")
+    why = int8_backend_problem(backend)
+    if why:
+        raise RuntimeError(f"real int8 execution with backend {backend!r} is not possible here: {why}")
+    layer = INT8_LAYERS[backend]
     out = copy.deepcopy(qnet)
     for n, m in quant_layers(out):
-        _set_module(out, n, Int8Layer(m))
+        _set_module(out, n, layer(m))
+    out.int8_backend = backend
     return out
+
+
+def executed_weight_bytes(net: nn.Module) -> int:
+    """Bytes of the weights the network's forward pass reads, in the dtype it reads them: an int8 layer's int8
+    weights (4-bit weights in int8 storage) with float32 steps and bias; every other parameter (float layers,
+    GroupNorm, a simulated layer's float32 weights) at its own dtype."""
+    total = 0
+    for m in net.modules():
+        if isinstance(m, _Int8Base):
+            total += m.stored_bytes()
+        else:
+            total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+    return total
 
 
 # --------------------------------------------------------------------------------------------
 # The denoiser wrapper
 # --------------------------------------------------------------------------------------------
+class CallTimer:
+    """Wall time of a denoiser's calls (CPU: the calls are synchronous), for the records' latency per call."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sec, self.n, self.rows = 0.0, 0, 0
+
+    def time(self, rows: int):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.sec += time.perf_counter() - self.t0
+                timer.n += 1
+                timer.rows += int(rows)
+                return False
+
+        return _Ctx()
+
+    def metrics(self, reset: bool = True) -> dict:
+        """{"sec_per_call", "sec_per_call_per_sample", "denoiser_calls"} over the calls since the last reset (the
+        mean over every call of a run, its warm-up included; per sample = per call / the call's batch rows)."""
+        out = {"denoiser_calls": self.n}
+        if self.n:
+            out["sec_per_call"] = self.sec / self.n
+            out["sec_per_call_per_sample"] = self.sec / self.rows if self.rows else float("nan")
+        if reset:
+            self.reset()
+        return out
+
+
 class QuantizedDenoiser(nn.Module):
     """A denoiser whose network is quantized (house rule: a wrapper, not a sampler flag).
 
@@ -764,9 +1082,11 @@ class QuantizedDenoiser(nn.Module):
         self.inner = inner
         self.cfg, self.execution = cfg, execution
         self.sigma_min, self.sigma_max = base.sigma_min, base.sigma_max
+        self.calls = CallTimer()
 
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        return self.inner(x, sigma, **cond)
+        with self.calls.time(x.shape[0] if x.ndim else 1):
+            return self.inner(x, sigma, **cond)
 
     def __getattr__(self, name):
         try:

@@ -48,7 +48,8 @@ class Record:
     grad_evals: float = 0.0      # classifier-gradient evaluations, counted apart from NFE
     num_samples: int = 0
     batch_size: int = 0
-    seed: int = 0
+    seed: int = 0                # sampling seed
+    train_seed: int = 0          # training seed of the model (part of model_hash); replicates of trained models
     dtype: str = "float32"
     # what was measured
     fid: float | None = None

@@ -17,10 +17,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from .seeding import randn_like
+from .seeding import BrownianPath, randn_like
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ class Opt:
             ok = True
         if not ok:
             return f"option {name!r} must be {t.__name__}, got {type(value).__name__} {value!r}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"option {name!r} must be a finite number, got {value!r}"
         if self.choices is not None and value not in self.choices:
             return f"option {name!r} must be one of {list(self.choices)}, got {value!r}"
         if self.min is not None and value < self.min:
@@ -516,4 +519,510 @@ def sample_langevin(denoiser, x, sigmas, *, generator=None, cond=None, T=1000, l
         x = _langevin_step(denoiser, x, s, alpha, generator, cond)
     if denoise:
         x = denoiser(x, _sig(s, x), **cond)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Today's fast ODE/SDE solvers (PAPERS.md, Sec. 12): k-diffusion's ancestral and linear multistep samplers,
+# DPM-Solver (Lu et al. 2022), DPM-Solver++ (Lu et al. 2022b), UniPC (Zhao et al. 2023), DEIS and iPNDM
+# (Zhang & Chen 2023).
+#
+# All are written in the denoiser's coordinates x = x0 + sigma n, i.e. the VP papers' x_t / alpha_t, where
+# the papers' half-log-SNR is lambda = -log sigma, the noise prediction is eps = (x - D) / sigma and the data
+# prediction is D.  In these coordinates every first-order step (DDIM, Euler, DPM-Solver-1, DPM-Solver++(1))
+# is x' = D + (sigma' / sigma)(x - D).  A step to sigma = 0 (h = inf) is first order, i.e. x' = D (the final
+# denoising step), unless a sampler's docstring says otherwise; on a grid that ends at a positive sigma no
+# step is special.  Grids are read to the host once (``sigmas.tolist()``); step coefficients are Python floats,
+# or float64 tensors of one value per sample where the step size is per sample (dpm_solver_adaptive).
+# --------------------------------------------------------------------------------------------
+def _denoise(denoiser, x, s, cond) -> Tensor:
+    """D(x, s) with s a float (one sigma for the batch) or a (B,) tensor (one per sample)."""
+    sigma = x.new_full((x.shape[0],), s) if isinstance(s, float) else s.to(x.dtype)
+    return denoiser(x, sigma, **cond)
+
+
+def _first_order(x, denoised, s, s_to):
+    """First-order exponential-integrator step from sigma s to s_to: DPM-Solver++(1), Lu et al. 2022b, Eq. 9 with
+    alpha = 1, x' = (s_to / s) x + (1 - s_to / s) D, which is also DDIM's Eq. 12 (eta = 0) and Euler's step in sigma."""
+    return denoised + (s_to / s) * (x - denoised)
+
+
+def _ancestral_sigmas(s: float, s_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step s -> s_next: sigma_up = min(s_next, eta sqrt(s_next^2 (s^2 - s_next^2) / s^2))
+    is DDIM's sigma_tau(eta) (Song et al. 2021, Eq. 16) in sigma coordinates, sigma_down = sqrt(s_next^2 - sigma_up^2)."""
+    if eta == 0 or s_next == 0:
+        return s_next, 0.0
+    s_up = min(s_next, eta * math.sqrt(s_next**2 * (s**2 - s_next**2) / s**2))
+    return math.sqrt(s_next**2 - s_up**2), s_up
+
+
+def _ancestral(denoiser, x, sigmas, generator, cond, eta, s_noise, step):
+    """Ancestral sampling: D at sigma_i, ``step`` from sigma_i to sigma_down (to 0: x = D), then s_noise sigma_up z."""
+    cond = cond or {}
+    grid = sigmas.tolist()
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        denoised = _denoise(denoiser, x, s, cond)
+        s_down, s_up = _ancestral_sigmas(s, s_next, eta)
+        x = step(denoiser, x, denoised, s, s_down, cond) if s_down > 0 else denoised
+        if s_up > 0:
+            x = x + (s_noise * s_up) * randn_like(x, generator)
+    return x
+
+
+def _euler_step(denoiser, x, denoised, s, s_to, cond):
+    return _first_order(x, denoised, s, s_to)
+
+
+def _dpm_2_step(denoiser, x, denoised, s, s_to, cond):
+    eps = (x - denoised) / s
+    return _dpm_solver_step(denoiser, x, eps, _per_sample(s, x), _per_sample(s_to, x), 2, cond)[0]
+
+
+def _dpmpp_2s_step(denoiser, x, denoised, s, s_to, cond):
+    """DPM-Solver++(2S), Lu et al. 2022b, Alg. 1 with r = 1/2: a first-order step to s_mid = sqrt(s s_to)
+    (lambda + h/2), then the step from x with D(u, s_mid)."""
+    s_mid = math.exp(0.5 * (math.log(s) + math.log(s_to)))
+    u = _first_order(x, denoised, s, s_mid)
+    return _first_order(x, _denoise(denoiser, u, s_mid, cond), s, s_to)
+
+
+_ANCESTRAL_OPTS = {"eta": Opt(float, 1.0, min=0.0, help="noise scale of each step: sigma_up(eta), 0 = deterministic"),
+                   "s_noise": Opt(float, 1.0, min=0.0, help="std of the added noise relative to sigma_up")}
+
+
+@register_sampler("euler_ancestral", options=dict(_ANCESTRAL_OPTS),
+                  description="Euler ancestral (k-diffusion): an Euler step to sigma_down, then noise sigma_up "
+                              "(DDIM's eta noise, Song et al. 2021, Eq. 16); NFE = steps", stochastic=True)
+def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0):
+    """Euler ancestral step x' = x + (sigma_down - sigma) d + s_noise sigma_up z, d = (x - D)/sigma (Karras et al. 2022, Eq. 4 with DDIM's sigma_tau(eta), Song et al. 2021, Eq. 16)."""
+    return _ancestral(denoiser, x, sigmas, generator, cond, eta, s_noise, _euler_step)
+
+
+@register_sampler("dpm_2_ancestral", options=dict(_ANCESTRAL_OPTS),
+                  description="DPM-2 ancestral (k-diffusion): a DPM-Solver-2 step to sigma_down, then noise sigma_up; "
+                              "2 NFE per step, 1 on the last", stochastic=True)
+def sample_dpm_2_ancestral(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver-2 step (Lu et al. 2022, Alg. 1) to sigma_down, then s_noise sigma_up z (DDIM's Eq. 16 noise).
+
+    Differs from k-diffusion only where eta is so large that sigma_down = 0 before the last step: k-diffusion then
+    adds no noise, here the noise sigma_up = sigma_next is added as in euler_ancestral.
+    """
+    return _ancestral(denoiser, x, sigmas, generator, cond, eta, s_noise, _dpm_2_step)
+
+
+@register_sampler("dpmpp_2s_ancestral", options=dict(_ANCESTRAL_OPTS),
+                  description="DPM-Solver++(2S) ancestral (Lu et al. 2022b, Alg. 1; k-diffusion): a 2S step to "
+                              "sigma_down, then noise sigma_up; 2 NFE per step, 1 on the last", stochastic=True)
+def sample_dpmpp_2s_ancestral(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(2S) step, Lu et al. 2022b, Alg. 1 (r = 1/2), to sigma_down, then s_noise sigma_up z (DDIM's Eq. 16 noise)."""
+    return _ancestral(denoiser, x, sigmas, generator, cond, eta, s_noise, _dpmpp_2s_step)
+
+
+# ---- DPM-Solver (Lu et al. 2022): singlestep exponential integrator on eps in lambda = -log sigma
+def _per_sample(v: float, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), float(v), dtype=torch.float64, device=x.device)
+
+
+def _col(v: Tensor, x: Tensor) -> Tensor:
+    """A (B,) float64 coefficient as a column broadcasting against x, in x's dtype."""
+    return v.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _eps(denoiser, x, s, cond):
+    return (x - _denoise(denoiser, x, s, cond)) / _col(s, x)
+
+
+def _dpm_solver_step(denoiser, x, eps, s, s_next, order, cond):
+    """One DPM-Solver-k step from sigma s to s_next > 0 ((B,) float64 tensors), h = lambda_next - lambda = log(s / s_next):
+    Lu et al. 2022, Eq. 3.7 (k = 1, DDIM), Alg. 1 (k = 2, r1 = 1/2) and Alg. 2 (k = 3, r1 = 1/3, r2 = 2/3).
+
+    Returns (x_k, x_low): x_low is the step of order k - 1 from the same evaluations (for k = 3 the r1 = 1/3
+    DPM-Solver-2 step), the embedded pair of DPM-Solver-12 / -23.
+    """
+    h = (s / s_next).log()
+    c = lambda v: _col(v, x)  # noqa: E731
+    x_1 = x - c(s_next * h.expm1()) * eps                      # Eq. 3.7
+    if order == 1:
+        return x_1, x_1
+    r1 = 0.5 if order == 2 else 1 / 3
+    s_1 = s * (-r1 * h).exp()                                   # sigma at lambda + r1 h
+    u_1 = x - c(s_1 * (r1 * h).expm1()) * eps
+    eps_1 = _eps(denoiser, u_1, s_1, cond)
+    x_2 = x_1 - c(s_next / (2 * r1) * h.expm1()) * (eps_1 - eps)
+    if order == 2:
+        return x_2, x_1
+    r2 = 2 / 3
+    s_2 = s * (-r2 * h).exp()
+    u_2 = x - c(s_2 * (r2 * h).expm1()) * eps - c(s_2 * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1)) * (eps_1 - eps)
+    eps_2 = _eps(denoiser, u_2, s_2, cond)
+    x_3 = x_1 - c(s_next / r2 * (h.expm1() / h - 1)) * (eps_2 - eps)
+    return x_3, x_2
+
+
+def _solve_ends(sigmas):
+    """(first sigma, last positive sigma, whether the grid ends with the denoising step to 0) of a grid."""
+    grid = sigmas.tolist()
+    pos = [s for s in grid if s > 0]
+    return pos[0], pos[-1], grid[-1] == 0
+
+
+@register_sampler("dpm_2", description="DPM-2 (k-diffusion): DPM-Solver-2 with its midpoint at the geometric mean of the two "
+                                       "sigmas; last step to 0 first order, so N sigmas before 0 cost 2N-1 NFE")
+def sample_dpm_2(denoiser, x, sigmas, *, generator=None, cond=None):
+    """DPM-Solver-2, Lu et al. 2022, Alg. 1 (r1 = 1/2): k-diffusion's DPM-2 (a midpoint step in sigma) in exact arithmetic."""
+    return sample_dpm_solver(denoiser, x, sigmas, cond=cond, order=2)
+
+
+@register_sampler("dpm_solver", options={"order": Opt(int, 3, min=1, max=3, help="DPM-Solver-k: k NFE per step")},
+                  description="DPM-Solver singlestep (Lu et al. 2022, Alg. 1-2) of order 1-3 on the grid; "
+                              "last step to 0 first order, so N sigmas before 0 cost k(N-1)+1 NFE")
+def sample_dpm_solver(denoiser, x, sigmas, *, generator=None, cond=None, order=3):
+    """Singlestep DPM-Solver-k, Lu et al. 2022, Eq. 3.7 / Alg. 1 / Alg. 2, between consecutive grid sigmas; to 0: x = D."""
+    cond = cond or {}
+    grid = sigmas.tolist()
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        denoised = _denoise(denoiser, x, s, cond)
+        if s_next == 0:
+            x = denoised
+        else:
+            x = _dpm_solver_step(denoiser, x, (x - denoised) / s, _per_sample(s, x), _per_sample(s_next, x), order, cond)[0]
+    return x
+
+
+def _fast_orders(nfe: int) -> list[int]:
+    """DPM-Solver-fast's orders for an NFE budget K (Lu et al. 2022, Sec. 3.3): M = floor(K/3) + 1 steps,
+    order 3 then [2, 1] if 3 | K, else order 3 then K mod 3."""
+    m = nfe // 3 + 1
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+
+
+@register_sampler("dpm_solver_fast",
+                  description="DPM-Solver-fast (Lu et al. 2022, Sec. 3.3): steps uniform in lambda, order-3 steps and lower "
+                              "orders to fill the budget; the grid fixes the ends and the NFE (len(sigmas) - 1, the last one "
+                              "the final denoising step)")
+def sample_dpm_solver_fast(denoiser, x, sigmas, *, generator=None, cond=None):
+    """DPM-Solver-fast, Lu et al. 2022, Sec. 3.3 (Alg. 1-2 steps, uniform in lambda) from sigmas[0] to the last positive sigma.
+
+    The NFE is len(sigmas) - 1, as for Euler: on a grid ending at 0 the solve gets one less and the last evaluation
+    is the denoising step x0 = D(x, sigma_min) (k-diffusion's sample_dpm_fast stops at sigma_min without it).
+    """
+    cond = cond or {}
+    s_start, s_end, to_zero = _solve_ends(sigmas)
+    budget = len(sigmas) - 1 - int(to_zero)
+    if budget > 0 and s_end < s_start:
+        orders = _fast_orders(budget)
+        lams = torch.linspace(-math.log(s_start), -math.log(s_end), len(orders) + 1, dtype=torch.float64).tolist()
+        for k, lam, lam_next in zip(orders, lams[:-1], lams[1:]):
+            s, s_next = _per_sample(math.exp(-lam), x), _per_sample(math.exp(-lam_next), x)
+            x = _dpm_solver_step(denoiser, x, _eps(denoiser, x, s, cond), s, s_next, k, cond)[0]
+    if to_zero:
+        x = _denoise(denoiser, x, s_end, cond)
+    return x
+
+
+@register_sampler(
+    "dpm_solver_adaptive",
+    options={"order": Opt(int, 3, min=2, max=3, help="3: DPM-Solver-23 (3 NFE per try), 2: DPM-Solver-12 (2 NFE)"),
+             "rtol": Opt(float, 0.05, min=0.0, help="relative tolerance of the local error"),
+             "atol": Opt(float, 0.0078, min=0.0, help="absolute tolerance (data in [-1, 1]: 1/128)"),
+             "h_init": Opt(float, 0.05, min=1e-6, help="first step size in lambda"),
+             "accept_safety": Opt(float, 0.81, min=0.0, max=1.0, help="a step is accepted when its step-size factor is at least this")},
+    description="DPM-Solver-12/23 with adaptive step size per sample (Lu et al. 2022, Sec. 3.3 and App. C); the grid fixes "
+                "the ends; NFE adaptive (counted by the harness), +1 for the final denoising step")
+def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, generator=None, cond=None, order=3, rtol=0.05, atol=0.0078,
+                               h_init=0.05, accept_safety=0.81):
+    """Adaptive DPM-Solver-12/23, Lu et al. 2022, Sec. 3.3: embedded orders (k-1, k), error E = RMS((x_low - x_high) / delta)
+    with delta = max(atol, rtol max(|x_low|, |x_prev|)), step factor 1 + atan(E^(-1/k) - 1) (k-diffusion's I-controller).
+
+    Each sample controls its own step (k-diffusion controls one step for the whole batch), so a sample's trajectory is
+    k-diffusion's sample_dpm_adaptive run on that sample alone, whatever its batch; finished samples wait.  The counted
+    NFE is k times the largest number of tries in the batch, plus one for the denoising step to 0.
+    """
+    cond = cond or {}
+    s_start, s_end, to_zero = _solve_ends(sigmas)
+    lam_end = -math.log(s_end)
+    lam = _per_sample(-math.log(s_start), x)
+    h = _per_sample(h_init, x)
+    x_prev = x
+    for _ in range(100_000):
+        active = lam < lam_end - 1e-5
+        if not bool(active.any()):
+            break
+        # a finished sample takes a dummy step of its last size (kept out of the result)
+        lam_next = torch.where(active, torch.clamp(lam + h, max=lam_end), lam + h.abs())
+        s, s_next = (-lam).exp(), (-lam_next).exp()
+        x_high, x_low = _dpm_solver_step(denoiser, x, _eps(denoiser, x, s, cond), s, s_next, order, cond)
+        delta = torch.maximum(torch.full_like(x, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+        err = ((x_low - x_high) / delta).flatten(1).pow(2).mean(1).sqrt().double()
+        factor = 1 + torch.atan((1 / (err + 1e-8)) ** (1 / order) - 1)
+        accept = active & (factor >= accept_safety)
+        acc = _col(accept, x).bool()
+        x, x_prev = torch.where(acc, x_high, x), torch.where(acc, x_low, x_prev)
+        lam = torch.where(accept, lam_next, lam)
+        h = torch.where(active, h * factor, h)
+    else:
+        raise RuntimeError("dpm_solver_adaptive: not finished after 100000 tries")
+    if to_zero:
+        x = _denoise(denoiser, x, s_end, cond)
+    return x
+
+
+# ---- DPM-Solver++ (Lu et al. 2022b): the exponential integrator on D, multistep and SDE variants
+def _brownian(x, sigmas, generator):
+    """The SDE samplers' Brownian path over [smallest positive sigma, sigmas[0]] (in sigma, as k-diffusion's tree)."""
+    pos = [s for s in sigmas.tolist() if s > 0]
+    return BrownianPath(x, min(pos), max(pos), generator) if len(pos) > 1 and min(pos) < max(pos) else None
+
+
+def _dpmpp_multistep(denoiser, x, sigmas, generator, cond, order, eta, s_noise, solver_type):
+    """Multistep DPM-Solver++ in lambda with orders warming up 1, 2, 3, the last step to 0 being x = D.
+
+    x' = (s'/s) e^{-eta h} x + (1 - e^{-h_eta}) D_0 + corrections + s' sqrt(1 - e^{-2 eta h}) s_noise z, h_eta = (1 + eta) h;
+    2nd order: midpoint 0.5 (1 - e^{-h_eta}) d, or heun phi_2 d with phi_2 = (e^{-h_eta} - 1)/h_eta + 1 and
+    d = (D_0 - D_1) / r, r = h_1 / h; 3rd order: phi_2 d1 - phi_3 d2 from the last three D's, phi_3 = phi_2/h_eta - 1/2.
+    """
+    cond = cond or {}
+    grid = sigmas.tolist()
+    path = _brownian(x, sigmas, generator) if eta > 0 and s_noise > 0 else None
+    hist: list[tuple[float, Tensor]] = []  # (h, D) of the previous steps, newest first
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        denoised = _denoise(denoiser, x, s, cond)
+        if s_next == 0:
+            x = denoised  # final denoising step
+            continue
+        h = math.log(s / s_next)
+        h_eta = (1 + eta) * h
+        one_minus = -math.expm1(-h_eta)
+        x = (s_next / s * math.exp(-eta * h)) * x + one_minus * denoised
+        k = min(order, len(hist) + 1)
+        if k >= 2:
+            r0 = hist[0][0] / h
+            d1_0 = (denoised - hist[0][1]) / r0
+            phi_2 = -one_minus / h_eta + 1
+            if k == 2 and solver_type == "midpoint":
+                x = x + (0.5 * one_minus) * d1_0
+            elif k == 2:
+                x = x + phi_2 * d1_0
+            else:
+                r1 = hist[1][0] / h
+                d1_1 = (hist[0][1] - hist[1][1]) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+        if path is not None:
+            x = x + (s_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise) * path.noise(s, s_next)
+        hist.insert(0, (h, denoised))
+        del hist[2:]
+    return x
+
+
+@register_sampler("dpmpp_2m", description="DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): multistep, one NFE per step; "
+                                          "first and last (to 0) steps first order")
+def sample_dpmpp_2m(denoiser, x, sigmas, *, generator=None, cond=None):
+    """DPM-Solver++(2M), Lu et al. 2022b, Alg. 2: x' = (s'/s) x - (e^{-h} - 1)((1 + 1/(2r)) D_0 - D_1/(2r)), r = h_last/h."""
+    return _dpmpp_multistep(denoiser, x, sigmas, generator, cond, order=2, eta=0.0, s_noise=0.0, solver_type="midpoint")
+
+
+_SDE_OPTS = {"eta": Opt(float, 1.0, min=0.0, help="0 = the ODE solver, 1 = the reverse SDE"),
+             "s_noise": Opt(float, 1.0, min=0.0, help="std of the added noise relative to the SDE's")}
+
+
+@register_sampler("dpmpp_2m_sde",
+                  options={**_SDE_OPTS, "solver_type": Opt(str, "midpoint", choices=("midpoint", "heun"),
+                                                           help="the 2nd-order correction: midpoint or heun (phi_2)")},
+                  description="SDE-DPM-Solver++(2M) (Lu et al. 2022b; k-diffusion): multistep on the reverse SDE with noise "
+                              "from a per-sample Brownian path; one NFE per step, last step x = D", stochastic=True)
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0, solver_type="midpoint"):
+    """SDE-DPM-Solver++(2M), Lu et al. 2022b, App. (Eq. of SDE-DPM-Solver++(2M)); eta = 0 and midpoint give DPM-Solver++(2M)."""
+    return _dpmpp_multistep(denoiser, x, sigmas, generator, cond, order=2, eta=eta, s_noise=s_noise, solver_type=solver_type)
+
+
+@register_sampler("dpmpp_3m_sde", options=dict(_SDE_OPTS),
+                  description="DPM-Solver++(3M) SDE (Lu et al. 2022b; k-diffusion): three-point multistep on the reverse SDE, "
+                              "noise from a per-sample Brownian path; one NFE per step, last step x = D; second order "
+                              "as written (see docstring)", stochastic=True)
+def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) multistep (Lu et al. 2022b, App.) with SDE noise: phi_2 d1 - phi_3 d2; the step before the last is third order (no lower-order final).
+
+    As k-diffusion and Lu et al.'s code write it: d2 = (d1_0 - d1_1)/(r0 + r1) is h^2 D''/2, so -phi_3 d2 is half the
+    Taylor term -h^2 phi_3 D'' and the method is second order (measured 2.0 on the exact Gaussian; doubling d2 gives 3).
+    We keep k-diffusion's formula, so the sampler is the one people run (tests/test_samplers_modern.py).
+    """
+    return _dpmpp_multistep(denoiser, x, sigmas, generator, cond, order=3, eta=eta, s_noise=s_noise, solver_type="heun")
+
+
+@register_sampler(
+    "dpmpp_sde",
+    options={**_SDE_OPTS, "r": Opt(float, 0.5, min=0.01, max=1.0, help="intermediate point at lambda + r h")},
+    description="DPM-Solver++ SDE (k-diffusion's stochastic DPM-Solver++(2S)): two ancestral stages per step, noise from "
+                "a per-sample Brownian path; 2 NFE per step, 1 on the last", stochastic=True)
+def sample_dpmpp_sde(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0, r=0.5):
+    """Stochastic DPM-Solver++(2S), Lu et al. 2022b, Alg. 1 with each stage an ancestral step (DDIM's Eq. 16 noise) and
+    D_d = (1 - 1/(2r)) D + D(u, s_r)/(2r); the two stages' noises are increments of one Brownian path."""
+    cond = cond or {}
+    grid = sigmas.tolist()
+    path = _brownian(x, sigmas, generator) if eta > 0 and s_noise > 0 else None
+    fac = 1 / (2 * r)
+    for s, s_next in zip(grid[:-1], grid[1:]):
+        denoised = _denoise(denoiser, x, s, cond)
+        if s_next == 0:
+            x = denoised
+            continue
+        s_r = s * (s_next / s) ** r   # sigma at lambda + r h
+        # stage 1: ancestral first-order step to s_r
+        s_down, s_up = _ancestral_sigmas(s, s_r, eta)
+        u = _first_order(x, denoised, s, s_down)
+        if path is not None:
+            u = u + (s_noise * s_up) * path.noise(s, s_r)
+        denoised_2 = _denoise(denoiser, u, s_r, cond)
+        # stage 2: ancestral step to s_next with the combined D
+        s_down, s_up = _ancestral_sigmas(s, s_next, eta)
+        x = _first_order(x, (1 - fac) * denoised + fac * denoised_2, s, s_down)
+        if path is not None:
+            x = x + (s_noise * s_up) * path.noise(s, s_next)
+    return x
+
+
+# ---- Linear multistep on eps (LMS, DEIS, iPNDM): x' = x + sum_j w_j eps_{i-j}, w_j = integral over [sigma_i, sigma_{i+1}]
+# of the Lagrange basis through the last k nodes, in the sampler's own time variable
+def _lagrange_integrals(nodes: list[float], a: float, b: float, exp_weight: bool = False) -> list[float]:
+    """w_j = int_a^b L_j(u) du, or int_a^b L_j(u) e^u du with ``exp_weight`` (b = -inf allowed), for the Lagrange
+    basis L_j on ``nodes``; exact (polynomial antiderivatives; int P e^u du = e^u sum_k (-1)^k P^(k)), in u - a."""
+    P = np.polynomial.Polynomial
+    v_nodes = [n - a for n in nodes]
+    v_end = b - a
+    ws = []
+    for j, n_j in enumerate(v_nodes):
+        L = P([1.0])
+        for k, n_k in enumerate(v_nodes):
+            if k != j:
+                L = L * P([-n_k, 1.0]) / (n_j - n_k)
+        if not exp_weight:
+            F = L.integ()
+            ws.append(float(F(v_end) - F(0.0)))
+            continue
+        derivs = [L.deriv(m) for m in range(L.degree() + 1)]
+        F = lambda v: 0.0 if v == -math.inf else math.exp(v) * sum((-1) ** m * d(v) for m, d in enumerate(derivs))  # noqa: E731
+        ws.append(math.exp(a) * (F(v_end) - F(0.0)))
+    return ws
+
+
+def _linear_multistep(denoiser, x, sigmas, cond, order, time, lower_order_final):
+    """x_{i+1} = x_i + sum_j w_j eps_{i-j} with eps = (x - D)/sigma and k = min(order, i + 1) nodes (lower order at the start);
+    ``time``: 'sigma' (LMS), 'log_sigma' (DEIS, weights against e^u du = d sigma) or 'step' (iPNDM: uniform-step
+    Adams-Bashforth weights times sigma_{i+1} - sigma_i).  ``lower_order_final``: on a grid ending at 0, k <= steps left."""
+    cond = cond or {}
+    grid = sigmas.tolist()
+    n = len(grid) - 1
+    to_zero = grid[-1] == 0
+    epss: list[Tensor] = []  # newest first
+    for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+        epss.insert(0, (x - _denoise(denoiser, x, s, cond)) / s)
+        del epss[order:]
+        k = min(order, i + 1, n - i if lower_order_final and to_zero else order)
+        if time == "sigma":
+            w = _lagrange_integrals(grid[i::-1][:k], s, s_next)
+        elif time == "log_sigma":
+            w = _lagrange_integrals([math.log(v) for v in grid[i::-1][:k]], math.log(s),
+                                    math.log(s_next) if s_next > 0 else -math.inf, exp_weight=True)
+        else:
+            w = [(s_next - s) * c for c in _lagrange_integrals([-float(j) for j in range(k)], 0.0, 1.0)]
+        for w_j, eps_j in zip(w, epss):
+            x = x + w_j * eps_j
+    return x
+
+
+@register_sampler("lms", options={"order": Opt(int, 4, min=1, max=4, help="Adams-Bashforth order (lower at the start)")},
+                  description="Linear multistep (k-diffusion's LMS): Adams-Bashforth in sigma on d = (x - D)/sigma, Lagrange "
+                              "coefficients integrated over sigma; one NFE per step, the last step to 0 at full order")
+def sample_lms(denoiser, x, sigmas, *, generator=None, cond=None, order=4):
+    """Variable-step Adams-Bashforth on Karras et al. 2022's Eq. 4, dx/dsigma = (x - D)/sigma: x' = x + sum_j (int L_j dsigma) d_{i-j}."""
+    return _linear_multistep(denoiser, x, sigmas, cond, order, "sigma", lower_order_final=False)
+
+
+@register_sampler("deis", options={"order": Opt(int, 3, min=1, max=3, help="polynomial order of the eps extrapolation")},
+                  description="DEIS multistep (Zhang & Chen 2023): exponential integrator with eps extrapolated by a polynomial in "
+                              "log sigma (diffusers' log-rho DEIS); one NFE per step, the last two steps to 0 at order <= 1, 2")
+def sample_deis(denoiser, x, sigmas, *, generator=None, cond=None, order=3):
+    """DEIS-AB, Zhang & Chen 2023, Eq. 14-15: x' = x + sum_j C_j eps_{i-j}, C_j = int L_j(log rho) d rho with rho = sigma.
+
+    The paper's time variable t (the SDE's) is not known to a sampler that sees only sigmas; the polynomial is in
+    log rho = log sigma instead, as diffusers' DEISMultistepScheduler ("logrho") does.  On a grid ending at 0 the
+    last step is first order (x = D) and the one before at most second order (diffusers does this below 15 steps only).
+    """
+    return _linear_multistep(denoiser, x, sigmas, cond, order, "log_sigma", lower_order_final=True)
+
+
+@register_sampler("ipndm", options={"order": Opt(int, 4, min=1, max=4, help="Adams-Bashforth order (lower at the start)")},
+                  description="iPNDM (Zhang & Chen 2023): PNDM's linear multistep on eps with the DDIM step and lower-order "
+                              "warm-up; fixed (uniform-step) Adams-Bashforth weights; one NFE per step")
+def sample_ipndm(denoiser, x, sigmas, *, generator=None, cond=None, order=4):
+    """iPNDM, Zhang & Chen 2023, Eq. 23 (PNDM, Liu et al. 2022, Eq. 12 without the Runge-Kutta warm-up):
+    x' = x + (sigma' - sigma)(55 eps_0 - 59 eps_1 + 37 eps_2 - 9 eps_3)/24, lower orders for the first steps.
+
+    The weights assume equal steps (in the grid's own variable), as the paper's; on a grid with unequal sigma steps
+    (Karras, geometric) orders 3 and 4 are second order (measured on the exact Gaussian).  The last step to 0 is full order.
+    """
+    return _linear_multistep(denoiser, x, sigmas, cond, order, "step", lower_order_final=False)
+
+
+# ---- UniPC (Zhao et al. 2023): unified predictor-corrector on D, B(h) variants
+def _unipc_update(x, s, s_to, m, past, m_new, variant):
+    """UniP-p (``m_new`` None) or UniC-p (``m_new`` = D at the point to correct) from (x, s, D = m) to s_to,
+    with ``past`` = [(sigma_k, D_k)] the p - 1 earlier evaluations (Zhao et al. 2023, Alg. 2-3, data prediction):
+    x' = (s_to/s) x - (e^{-h} - 1) m - B(h) sum_k rho_k D1_k, D1_k = (D_k - m) / r_k, r_k = (lambda_k - lambda) / h,
+    B(h) = -h (bh1) or e^{-h} - 1 (bh2); rho solves R rho = b with R_{ik} = r_k^{i-1}, b_i = i! h phi_{i+1}(-h) / B(h)."""
+    h = math.log(s / s_to)
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    B_h = hh if variant == "bh1" else math.expm1(hh)
+    rks = [math.log(s / s_k) / h for s_k, _ in past]
+    D1s = [(m_k - m) / r_k for (_, m_k), r_k in zip(past, rks)]
+    p = len(past) + 1
+    cols = rks + [1.0]
+    R = np.array([[r**i for r in cols] for i in range(p)])
+    b, g, fact = [], h_phi_1 / hh - 1, 1.0      # g_i = h phi_{i+1}(-h) (up to sign), by recurrence
+    for i in range(1, p + 1):
+        b.append(g * fact / B_h)
+        fact *= i + 1
+        g = g / hh - 1 / fact
+    x_new = (s_to / s) * x - h_phi_1 * m
+    if m_new is None:   # predictor: rho from the past points only (UniP-2: rho = 1/2, as the paper's code)
+        rhos = [0.5] if p == 2 else list(np.linalg.solve(R[:-1, :-1], b[:-1])) if p > 2 else []
+        res = [(rho, d) for rho, d in zip(rhos, D1s)]
+    else:               # corrector: the new evaluation enters with r = 1 (UniC-1: rho = 1/2)
+        rhos = [0.5] if p == 1 else list(np.linalg.solve(R, b))
+        res = [(rho, d) for rho, d in zip(rhos, D1s + [m_new - m])]
+    for rho, d in res:
+        x_new = x_new - (B_h * float(rho)) * d
+    return x_new
+
+
+@register_sampler("unipc", options={"order": Opt(int, 3, min=1, max=3, help="p of UniPC-p (accuracy order p + 1 with the corrector)"),
+                                    "variant": Opt(str, "bh1", choices=("bh1", "bh2"),
+                                                   help="B(h) = h (bh1, the paper's choice unguided) or e^h - 1 (bh2, guided)")},
+                  description="UniPC (Zhao et al. 2023): UniP predictor + UniC corrector on D, the corrector reusing the next "
+                              "step's evaluation (no extra NFE); one NFE per step, orders warm up and fall at the last steps")
+def sample_unipc(denoiser, x, sigmas, *, generator=None, cond=None, order=3, variant="bh1"):
+    """UniPC-p, Zhao et al. 2023, Alg. 2-3 (data prediction, B(h) variant bh1/bh2), as the paper's code and diffusers.
+
+    Conventions: the corrector corrects x_i with D evaluated at the uncorrected x_i, and that evaluation serves the
+    next predictor; no corrector after the last step (it would cost an NFE); the order is min(p, i + 1) and, on a
+    grid ending at 0, at most the number of steps left (the last step is x = D).
+    """
+    cond = cond or {}
+    grid = sigmas.tolist()
+    n = len(grid) - 1
+    to_zero = grid[-1] == 0
+    hist: list[tuple[float, Tensor]] = []  # (sigma_k, D_k), newest first
+    x_last, p_last = x, 1
+    for i, (s, s_next) in enumerate(zip(grid[:-1], grid[1:])):
+        m = _denoise(denoiser, x, s, cond)
+        if hist:  # UniC-p on the point just reached, from the previous point
+            x = _unipc_update(x_last, hist[0][0], s, hist[0][1], hist[1:p_last], m, variant)
+        hist.insert(0, (s, m))
+        del hist[order:]
+        p = min(order, i + 1, n - i if to_zero else order)
+        x_last, p_last = x, p
+        x = m if s_next == 0 else _unipc_update(x, s, s_next, m, hist[1:p], None, variant)
     return x

@@ -6,6 +6,8 @@ steps while the stream a sample sees is the same whatever the batch size.
 """
 from __future__ import annotations
 
+import bisect
+import math
 from typing import Sequence
 
 import torch
@@ -63,3 +65,42 @@ def randn_like(x: Tensor, generator=None) -> Tensor:
     if isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
     return torch.randn_like(x)
+
+
+class BrownianPath:
+    """A Brownian motion W(t) on [t_lo, t_hi], one independent path per sample, drawn from the per-sample streams.
+
+    W is fixed at t_lo (W = 0) and t_hi; every other time is drawn on first use from the Brownian bridge between
+    its two known neighbours (mean by linear interpolation, variance (t - t_a)(t_b - t) / (t_b - t_a)), so the
+    increments of overlapping or nested queries are jointly those of one Brownian path.  The draws come from
+    ``randn_like(x, generator)``: with a ``SampleNoise`` a sample's path depends only on its seed and on the
+    sequence of query times (which a sampler fixes from its grid), never on its batch.  A time within a relative
+    1e-9 of a known one is taken as that one, so rounding (exp(log sigma)) draws nothing new.
+    """
+
+    def __init__(self, x: Tensor, t_lo: float, t_hi: float, generator=None):
+        if not t_hi > t_lo:
+            raise ValueError(f"BrownianPath needs t_lo < t_hi, got [{t_lo}, {t_hi}]")
+        self.generator = generator
+        self.t = [float(t_lo), float(t_hi)]
+        self.w = [torch.zeros_like(x), math.sqrt(t_hi - t_lo) * randn_like(x, generator)]
+
+    def __call__(self, t: float) -> Tensor:
+        """W(t), drawn from the bridge between the known neighbours if t is new."""
+        t = float(t)
+        i = bisect.bisect_left(self.t, t)
+        for j in (i - 1, i):  # a known time up to rounding (e.g. exp(log sigma)) is that time
+            if 0 <= j < len(self.t) and abs(self.t[j] - t) <= 1e-9 * abs(t):
+                return self.w[j]
+        if i == 0 or i == len(self.t):
+            raise ValueError(f"time {t} outside the Brownian path's [{self.t[0]}, {self.t[-1]}]")
+        t_a, t_b, w_a, w_b = self.t[i - 1], self.t[i], self.w[i - 1], self.w[i]
+        std = math.sqrt((t - t_a) * (t_b - t) / (t_b - t_a))
+        w = w_a + (t - t_a) / (t_b - t_a) * (w_b - w_a) + std * randn_like(w_a, self.generator)
+        self.t.insert(i, t)
+        self.w.insert(i, w)
+        return w
+
+    def noise(self, s: float, s_next: float) -> Tensor:
+        """The increment W(s_next) - W(s) over sqrt(|s_next - s|): standard normal, as a sampler's injected noise."""
+        return (self(s_next) - self(s)) / math.sqrt(abs(s_next - s))

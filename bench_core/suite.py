@@ -43,10 +43,10 @@ TOP_KEYS = {"name": str, "description": str, "defaults": dict, "entries": list, 
 ENTRY_KEYS = {
     "name": str, "reproduction": str, "model": str, "model_overrides": dict, "sampler": str,
     "sampler_opts": dict, "grid": dict, "steps": (int, list), "num_samples": int, "batch_size": int,
-    "seeds": (int, list), "timing_repeats": int, "description": str,
+    "seeds": (int, list), "train_seeds": (int, list), "timing_repeats": int, "description": str,
 }
 REQUIRED_ENTRY_KEYS = ("name", "reproduction", "model", "sampler", "steps")
-DEFAULTABLE = {"num_samples", "batch_size", "seeds", "timing_repeats", "grid", "model_overrides"}
+DEFAULTABLE = {"num_samples", "batch_size", "seeds", "train_seeds", "timing_repeats", "grid", "model_overrides"}
 GRID_KEYS = {"kind": (str, list), "rho": (float, int, list), "sigma_min": (float, int), "sigma_max": (float, int)}
 PREVIEW_IMAGES = 16
 PREVIEW_POINTS = 512
@@ -88,6 +88,7 @@ class Run:
     batch_size: int
     timing_repeats: int = 0
     model_hash: str = ""
+    train_seed: int = 0
 
     def key(self) -> tuple:
         return rec.record_key({**asdict(self)})
@@ -142,17 +143,27 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def load_suite(name_or_path: str) -> Suite:
+def load_suite(name_or_path: str, train_seed_offset: int = 0) -> Suite:
     """Read, validate and expand a suite.  Raises SuiteError listing every problem."""
     path = resolve_suite_path(name_or_path)
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SuiteError(str(path), [f"not valid YAML: {e}"]) from None
-    return parse_suite(data, str(path))
+    return parse_suite(data, str(path), train_seed_offset=train_seed_offset)
 
 
-def parse_suite(data: Any, source: str = "<suite>") -> Suite:
+def _merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, nested mappings merged key by key (``extra`` wins)."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_suite(data: Any, source: str = "<suite>", train_seed_offset: int = 0) -> Suite:
+    """Validate and expand a suite (a parsed YAML mapping).  ``train_seed_offset`` is added to every entry's
+    training seeds (``train_seeds``, default [0]): the same suite with freshly trained models."""
     import reproductions
     from .samplers import SAMPLERS, load_all
     from .schedules import GRIDS
@@ -269,6 +280,10 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
             problems.append(f"{where}.seeds: expected non-negative integers, got {e.get('seeds')!r}")
             bad = True
+        train_seeds = _as_list(e.get("train_seeds", [0]))
+        if not train_seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in train_seeds):
+            problems.append(f"{where}.train_seeds: expected non-negative integers, got {e.get('train_seeds')!r}")
+            bad = True
         num_samples = e.get("num_samples", 64)
         batch_size = e.get("batch_size", num_samples)
         for k, v in (("num_samples", num_samples), ("batch_size", batch_size), ("timing_repeats", e.get("timing_repeats", 0))):
@@ -277,14 +292,20 @@ def parse_suite(data: Any, source: str = "<suite>") -> Suite:
                 bad = True
         if bad:
             continue
-        model_hash = rep.model_hash(e["model"], e.get("model_overrides") or {})
-        for o, g, s, seed in itertools.product(opt_grid, grid_list, steps, seeds):
-            runs.append(Run(
-                suite=name, entry=e["name"], reproduction=e["reproduction"], model=e["model"],
-                model_overrides=e.get("model_overrides") or {}, sampler=e["sampler"],
-                sampler_opts=spec.resolve(o), grid=dict(g), steps=int(s), seed=int(seed),
-                num_samples=int(num_samples), batch_size=int(min(batch_size, num_samples)),
-                timing_repeats=int(e.get("timing_repeats", 0)), model_hash=model_hash))
+        for ts in dict.fromkeys(int(t) + int(train_seed_offset) for t in train_seeds):
+            # training seed 0 is the preset as written (its checkpoint hash unchanged); another seed offsets
+            # every seed of the model's training (network init, batches, ...)
+            overrides = e.get("model_overrides") or {}
+            if ts:
+                overrides = _merge(overrides, rep.train_seed_overrides(e["model"], ts))
+            model_hash = rep.model_hash(e["model"], overrides)
+            for o, g, s, seed in itertools.product(opt_grid, grid_list, steps, seeds):
+                runs.append(Run(
+                    suite=name, entry=e["name"], reproduction=e["reproduction"], model=e["model"],
+                    model_overrides=overrides, sampler=e["sampler"],
+                    sampler_opts=spec.resolve(o), grid=dict(g), steps=int(s), seed=int(seed),
+                    num_samples=int(num_samples), batch_size=int(min(batch_size, num_samples)),
+                    timing_repeats=int(e.get("timing_repeats", 0)), model_hash=model_hash, train_seed=ts))
     if problems:
         raise SuiteError(source, problems)
     return Suite(name=name, source=source, description=data.get("description", ""), runs=runs,
@@ -302,7 +323,7 @@ class _Metrics:
         self.inception_weights = inception_weights
         self._data: dict[str, Any] = {}
         self._extractors: dict[str, Any] = {}
-        self._floor: dict[tuple, float] = {}
+        self._floor: dict[tuple, dict] = {}
 
     def data(self, name: str, opts: dict | None = None):
         key = json.dumps([name, opts or {}], sort_keys=True)
@@ -319,7 +340,7 @@ class _Metrics:
 
             return {"metrics": points_metrics(samples.reshape(len(samples), -1), ds.x.reshape(len(ds.x), -1))}
         from .metrics.extractors import get_extractor
-        from .metrics.fidelity import image_metrics
+        from .metrics.fidelity import image_metrics, real_data_floor
 
         if dataset not in self._extractors:
             self._extractors[dataset] = get_extractor(dataset, self.inception_weights)
@@ -328,12 +349,14 @@ class _Metrics:
         kw = dict(extractor=self._extractors[dataset], reference_name=f"{dataset}{tag}",
                   cache_dir=self.cache_dir / "ref_stats")
         m = image_metrics(to_uint8(samples), ref, **kw)
-        # the floor: FID of as many real images (a fixed random subset) against the same reference
-        floor_key = (dataset, tag, len(samples))
-        if floor_key not in self._floor:
-            idx = torch.randperm(len(ref), generator=torch.Generator().manual_seed(0))[: len(samples)]
-            self._floor[floor_key] = image_metrics(ref[idx], ref, **kw)["fid"]
-        m["metrics"] = {"fid_real_data": self._floor[floor_key]}
+        # the floor: FID of as many real images against the same reference, mean and spread over random subsets
+        # (computed once per dataset, extractor and n; every record carries it)
+        floor_key = (dataset, tag, self._extractors[dataset].identity, len(samples))
+        if floor_key not in self._floor and len(samples) <= len(ref):
+            self._floor[floor_key] = real_data_floor(ref, len(samples), **kw)
+        fl = self._floor.get(floor_key)
+        m["metrics"] = {} if fl is None else {
+            "fid_real_data": fl["mean"], "fid_real_data_sd": fl["sd"], "fid_real_data_subsets": fl["n_subsets"]}
         return m
 
 
@@ -427,7 +450,7 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
         model_hash=lm.model_hash, dataset=lm.dataset, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
         grid=dict(run.grid), steps=run.steps, nfe=nfe_count / calls,
         grad_evals=grad_count / calls,
-        num_samples=run.num_samples, batch_size=run.batch_size, seed=run.seed, dtype=lm.dtype,
+        num_samples=run.num_samples, batch_size=run.batch_size, seed=run.seed, train_seed=run.train_seed, dtype=lm.dtype,
         sec_per_batch=sec, samples_per_sec=run.batch_size / sec if sec > 0 else None, timing_repeats=len(times),
         peak_mem_mb=peak_mb, peak_mem_method=peak_method,
         train_sec=lm.train_sec, device=device.type, device_name=device_name(device),
@@ -463,7 +486,7 @@ def error_record(run: Run, device: torch.device, err: BaseException, model_hash:
         suite=run.suite, entry=run.entry, reproduction=run.reproduction, model=run.model,
         model_hash=model_hash or run.model_hash, sampler=run.sampler, sampler_opts=dict(run.sampler_opts),
         grid=dict(run.grid), steps=run.steps, num_samples=run.num_samples, batch_size=run.batch_size,
-        seed=run.seed, device=device.type, device_name=device_name(device), git_sha=rec.git_sha(),
+        seed=run.seed, train_seed=run.train_seed, device=device.type, device_name=device_name(device), git_sha=rec.git_sha(),
         versions=rec.versions(), timestamp=rec.now(), status="error", error=msg[:2000])
 
 

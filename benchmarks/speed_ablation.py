@@ -106,12 +106,13 @@ def log(msg: str) -> None:
 
 
 class Writer:
-    """Records for one run: common fields filled in, appended as soon as measured."""
+    """Records for one run: common fields filled in, appended as soon as measured (also used by
+    benchmarks/int8_speed.py with its own suite and reproduction)."""
 
-    def __init__(self, out: Path, device: torch.device, quick: bool):
+    def __init__(self, out: Path, device: torch.device, quick: bool, suite: str = SUITE, reproduction: str = "speed"):
         self.store = RecordStore(out / "records.jsonl")
         self.info = device_info(device)
-        self.common = dict(suite=SUITE, reproduction="speed", dataset="random-inputs", git_sha=git_sha(),
+        self.common = dict(suite=suite, reproduction=reproduction, dataset="random-inputs", git_sha=git_sha(),
                            versions=versions(), **self.info)
         self.extra = {"threads": torch.get_num_threads(), "quick": quick}
 

@@ -19,20 +19,42 @@ MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).
 REPRODUCTIONS: dict[str, "Reproduction"] = {}
 
 
+CLAIM_KINDS = ("paper", "sanity", "target")
+
+
 @dataclass
 class ClaimResult:
-    status: str  # "pass" | "fail" | "not run"
-    ours: str    # what our records show, as text
+    """A claim's verdict.  ``status``: "pass" | "fail" | "inconclusive" | "not run" (the rule that decides
+    between them is ``bench_core.stats``'); ``why``: one line for every status but pass."""
+
+    status: str
+    ours: str      # what our records show, as text (means with their intervals)
+    why: str = ""
+
+    @classmethod
+    def of(cls, verdict, prefix: str = "") -> "ClaimResult":
+        """From a ``bench_core.stats.Verdict`` (``prefix`` is put before its text)."""
+        text = f"{prefix}{verdict.text}" if prefix and verdict.text else (verdict.text or prefix)
+        return cls(verdict.status, text, verdict.why)
 
 
 @dataclass
 class Claim:
-    """A paper's claim and the check of it against our records (a pandas DataFrame of records)."""
+    """A claim and the check of it against our records (a pandas DataFrame of records).
+
+    ``kind``: "paper" (what a paper reports), "sanity" (a check any working model passes) or "target" (an
+    engineering goal of ours).  A threshold in ``text`` comes from the paper or from the measured noise, never
+    from where our last run landed; its derivation is written in the text."""
 
     id: str
     text: str
     reported: str                                  # the paper's number(s); "(≈)" marks unverified
     check: Callable[[Any], ClaimResult]
+    kind: str = "paper"
+
+    def __post_init__(self):
+        if self.kind not in CLAIM_KINDS:
+            raise ValueError(f"claim {self.id!r}: kind {self.kind!r} is not one of {CLAIM_KINDS}")
 
 
 @dataclass
@@ -89,6 +111,23 @@ class Reproduction:
     def check_config(self, model: str, cfg):
         """Finish and validate a config after overrides (raise ValueError with the reason); returns it."""
         return cfg
+
+    def train_seed_overrides(self, model: str, seed: int) -> dict:
+        """Overrides that train ``model`` with training seed ``seed``: every integer ``seed`` field of the
+        preset's nested configs (network init and batches, an autoencoder's or a classifier's training, a
+        calibration) offset by ``seed``, so the checkpoint hash and every random choice of training change."""
+        def walk(cfg) -> dict:
+            out = {}
+            for f in fields(cfg):
+                v = getattr(cfg, f.name)
+                if f.name == "seed" and isinstance(v, int) and not isinstance(v, bool):
+                    out["seed"] = v + int(seed)
+                elif is_dataclass(v):
+                    sub = walk(v)
+                    if sub:
+                        out[f.name] = sub
+            return out
+        return walk(self.models[model]) if model in self.models and is_dataclass(self.models[model]) else {}
 
     def override_errors(self, model: str, overrides: dict) -> list[str]:
         """Every problem with a model name and its suite overrides (validated before any work starts)."""
@@ -175,6 +214,40 @@ def ok_rows(df, *present: str, **eq):
     return df[m]
 
 
+def seed_values(df, col: str = "fid") -> dict:
+    """Replicate values of ``col`` keyed by (train_seed, seed): the input of ``bench_core.stats``' verdicts
+    (two sides keyed alike are paired).  Duplicate keys (e.g. a re-run) are averaged; NaN values dropped."""
+    if df is None or len(df) == 0 or col not in df:
+        return {}
+    ts = df["train_seed"] if "train_seed" in df else [0] * len(df)
+    out: dict = {}
+    for t, s, v in zip(ts, df["seed"], df[col]):
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if v == v and abs(v) != float("inf"):
+            t = 0 if t is None or t != t else int(t)  # records from before train_seed existed: None / NaN
+            out.setdefault((t, int(s)), []).append(v)
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def fid_seeds(df, col: str = "fid", **eq) -> dict:
+    """``seed_values`` of the ok records matching ``eq`` (``ok_rows``' filters): the replicates of one side of a
+    comparison."""
+    return seed_values(ok_rows(df, col, **eq), col)
+
+
+def primary(df):
+    """The records of the primary model of each preset: the lowest training seed present (a suite run with
+    ``--train-seed K`` shifts every seed by K; extra training seeds of a comparison are left to their claim)."""
+    if df is None or len(df) == 0 or "train_seed" not in df:
+        return df
+    ts = df["train_seed"].fillna(0).astype(int)
+    lowest = ts.groupby(df["reproduction"].astype(str) + "/" + df["model"].astype(str)).transform("min")
+    return df[ts == lowest]
+
+
 def largest_group(df, *cols: str):
     """The rows of the most common combination of ``cols`` (a table or claim compares like with like: the
     same extractor, sample count, ...); ties go to the combination seen first."""
@@ -249,14 +322,26 @@ def register(rep: Reproduction) -> Reproduction:
 
 
 _loaded = False
+LOAD_ERRORS: dict[str, str] = {}  # paper module -> why it did not import
 
 
 def load_all() -> dict[str, Reproduction]:
+    """Import every paper module (once).  A module that fails to import is recorded in ``LOAD_ERRORS`` and the
+    others still register; the first failure is raised after all were tried, so no caller mistakes a partial
+    registry for the whole one (a later call tries the failed modules again)."""
     global _loaded
     if not _loaded:
-        _loaded = True
+        LOAD_ERRORS.clear()
         for m in MODULES:
-            importlib.import_module(f"reproductions.{m}")
+            try:
+                importlib.import_module(f"reproductions.{m}")
+            except Exception as e:  # noqa: BLE001 - recorded, then raised below
+                LOAD_ERRORS[m] = f"{type(e).__name__}: {e}"
+        if LOAD_ERRORS:
+            name, msg = next(iter(LOAD_ERRORS.items()))
+            raise ImportError(f"reproduction module reproductions.{name} failed to import: {msg}"
+                              + (f" (and {len(LOAD_ERRORS) - 1} more)" if len(LOAD_ERRORS) > 1 else ""))
+        _loaded = True
     return REPRODUCTIONS
 
 

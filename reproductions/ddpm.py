@@ -14,7 +14,10 @@ from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.schedules import BETA_SCHEDULES, alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
+from bench_core.stats import at_most, beats, equivalent, summarize
+from reproductions import (
+    Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, primary, register, seed_values, unet_config_hash,
+)
 
 
 @dataclass
@@ -27,6 +30,9 @@ class DDPMConfig:
     beta_schedule: str = "linear"  # beta_1 = 1e-4 -> beta_T = 0.02
     beta_1: float = 1e-4
     beta_T: float = 0.02
+    # training objective: "simple" (L_simple, Eq. 14) or "vlb" (the true variational bound's weighting of the
+    # same epsilon MSE with fixed sigma_t^2 = beta_t, Eq. 12; Table 2's "true variational bound" row)
+    loss: str = "simple"
     unet: UNetConfig = field(default_factory=lambda: DIGITS_SMALL)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -42,6 +48,11 @@ class DDPMConfig:
 MODELS: dict[str, DDPMConfig] = {
     "digits": DDPMConfig(
         dataset="digits", unet=DIGITS_SMALL.replace(dropout=0.0),
+        train=TrainConfig(steps=4000, batch_size=64, lr=3e-3, warmup=200, grad_clip=1.0, ema_decay=0.998, seed=0),
+    ),
+    # the same model trained on the true variational bound (Table 2's comparison)
+    "digits-vlb": DDPMConfig(
+        dataset="digits", unet=DIGITS_SMALL.replace(dropout=0.0), loss="vlb",
         train=TrainConfig(steps=4000, batch_size=64, lr=3e-3, warmup=200, grad_clip=1.0, ema_decay=0.998, seed=0),
     ),
     "cifar10": DDPMConfig(
@@ -72,6 +83,36 @@ def l_simple(abar: torch.Tensor, p_uncond: float | None = None, null_label: int 
     return loss_fn
 
 
+LOSSES = ("simple", "vlb")
+
+
+def vlb_weights(abar: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
+    """Per-timestep weights of the true variational bound in the epsilon parametrisation with fixed
+    sigma_t^2 = beta_t (Ho et al. 2020, Eq. 12): L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) ||eps -
+    eps_theta||^2 = beta_t / (2 alpha_t (1 - abar_t)) ||.||^2.  The decoder term L_0 is taken with the same weight
+    at t = 1 (the continuous-Gaussian form of the paper's discrete decoder).  Normalised to mean 1 (the scale
+    is the optimiser's business; the relative weights are the bound's)."""
+    alphas = 1 - betas.double()
+    w = betas.double() / (2 * alphas * (1 - abar.double()))
+    return (w / w.mean()).float()
+
+
+def l_vlb(abar: torch.Tensor, betas: torch.Tensor):
+    """The true variational bound (``vlb_weights``) on the epsilon MSE, t uniform as in L_simple."""
+    w = vlb_weights(abar, betas)
+
+    def loss_fn(model, x0, y, generator):
+        T = abar.shape[0]
+        t = torch.randint(0, T, (x0.shape[0],), generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+        a = abar.to(x0.device, torch.float32)[t].reshape(-1, *([1] * (x0.ndim - 1)))
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        per_sample = ((eps - model(x_t, t.float())) ** 2).flatten(1).mean(1)
+        return (w.to(x0.device)[t] * per_sample).mean()
+
+    return loss_fn
+
+
 def config_dict(cfg) -> dict:
     return asdict(cfg)
 
@@ -89,6 +130,11 @@ class DDPM(Reproduction):
     def cached_modules(self, model, overrides, cfg):
         return [(self.hash_config(cfg), lambda: UNet(cfg.unet))]
 
+    def check_config(self, model: str, cfg: DDPMConfig) -> DDPMConfig:
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"loss: {cfg.loss!r} is not one of {', '.join(LOSSES)}")
+        return cfg
+
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         from bench_core.data import load_dataset
 
@@ -100,7 +146,8 @@ class DDPM(Reproduction):
 
         def train_fn(net):
             data = load_dataset(cfg.dataset, **cfg.dataset_opts)
-            stats = train(net, l_simple(abar), data.x, cfg.train, labels=data.labels, progress=progress,
+            loss = l_simple(abar) if cfg.loss == "simple" else l_vlb(abar, cfg.betas())
+            stats = train(net, loss, data.x, cfg.train, labels=data.labels, progress=progress,
                           desc=f"train {self.name}/{model}", device=device)
             return {"config": config_dict(cfg), **stats}
 
@@ -115,42 +162,79 @@ class DDPM(Reproduction):
     def claims(self) -> list[Claim]:
         return [
             Claim("ddpm-quality",
-                  "Ancestral sampling with T=1000 gives samples close to the data: FID within 3x of the FID of as "
-                  "many real images against the same reference",
+                  "Ancestral sampling with T=1000 gives samples close to the data: FID at most 3x the real-data floor "
+                  "(the mean FID of as many real images against the same reference). Threshold: the paper's 3.17 is "
+                  "about 1.5x the FID of CIFAR-10's own training images against its test set (≈2.1, a commonly "
+                  "quoted value, not from the paper); we allow twice that ratio for a 500-sample FID on a small "
+                  "reference. One-sided test at 95% over sampling seeds against 3 x the floor's mean.",
                   "CIFAR-10 FID 3.17, IS 9.46", _check_quality),
             Claim("ddpm-variance",
-                  "sigma^2 = beta and sigma^2 = beta-tilde give similar sample quality at T=1000 (Ho et al. 2020, Sec. 3.2)",
-                  "CIFAR-10 FID 3.17 (1000 steps)", _check_variances),
+                  "sigma^2 = beta and sigma^2 = beta-tilde give similar sample quality at T=1000 (Sec. 3.2). "
+                  "'Similar' as measured later on the paper's own CIFAR-10 model (DDIM Table 1, S=1000: beta 3.17, "
+                  "beta-tilde 4.73 (≈), a gap of 49%): equivalent within ±49% of the smaller mean (TOST, 90% interval).",
+                  "CIFAR-10 FID 3.17 (beta); 4.73 (beta-tilde, DDIM Table 1 ≈)", _check_variances),
+            Claim("ddpm-lsimple-beats-vlb",
+                  "Training on L_simple gives better samples than training on the true variational bound (Table 2), "
+                  "same network, steps and sampler (ancestral with the posterior variance: DDIM eta=1, 100 uniform "
+                  "steps, to fit the budget). One-sided test at 95% over sampling seeds. One training seed each: the "
+                  "paper's gap (4x) is far above the retraining spread we measured (about 0.5 FID below FID 10, "
+                  "3.7 at FID 20-60).",
+                  "CIFAR-10 FID: L_simple 3.17, true bound (fixed isotropic Sigma) 13.22", _check_lsimple_vlb),
         ]
 
     def tables(self, df):
         return {}
 
 
+def _ddpm1000(df, **eq):
+    """Replicates of the DDPM 1000-step runs of the primary digits model (L_simple), per variance."""
+    d = primary(ok_rows(df, "fid", reproduction="ddpm", sampler="ddpm", steps=1000, grid_kind="uniform",
+                        model="digits"))
+    if d is None or len(d) == 0:
+        return {}
+    out = {}
+    for v in ("beta", "beta_tilde"):
+        vals = seed_values(d[d["sampler_opts"].map(lambda o: o.get("variance") == v)])
+        if vals:
+            out[v] = vals
+    return out
+
+
 def _check_quality(df) -> ClaimResult:
-    r = ok_rows(df, "fid", sampler="ddpm", steps=1000, grid_kind="uniform", model="digits")
-    if r is None or len(r) == 0:
-        return ClaimResult("not run", "no DDPM 1000-step records with a FID")
-    best = r.loc[r["fid"].idxmin()]
-    floor = (best["metrics"] or {}).get("fid_real_data")
-    if floor is None:
-        return ClaimResult("not run", "records lack the real-data FID")
-    ok = best["fid"] <= 3 * floor
-    return ClaimResult("pass" if ok else "fail",
-                       f"FID {best['fid']:.2f} ({best['sampler_opts'].get('variance')}) vs {floor:.2f} for "
-                       f"{int(best['num_samples'])} real digits")
+    runs = _ddpm1000(df)
+    if not runs:
+        return ClaimResult("not run", "", "no DDPM 1000-step records with a FID (default suite, entry ddpm-ancestral)")
+    d = ok_rows(df, "fid", reproduction="ddpm", sampler="ddpm", steps=1000, model="digits")
+    floors = [m.get("fid_real_data") for m in d["metrics"] if isinstance(m, dict) and m.get("fid_real_data")]
+    if not floors:
+        return ClaimResult("not run", "", "records lack the real-data floor")
+    floor = float(floors[0])
+    best = min(runs, key=lambda v: summarize(runs[v].values()).mean)
+    return ClaimResult.of(at_most(runs[best], 3 * floor, what=f"FID ({best})"),
+                          prefix=f"floor {floor:.2f}, bound 3x = {3 * floor:.2f}; ")
 
 
 def _check_variances(df) -> ClaimResult:
-    r = ok_rows(df, sampler="ddpm", steps=1000, grid_kind="uniform", model="digits")
-    if r is None or len(r) == 0:
-        return ClaimResult("not run", "no DDPM 1000-step records")
-    by = {o.get("variance"): f for o, f in zip(r["sampler_opts"], r["fid"])}
-    if "beta" not in by or "beta_tilde" not in by:
-        return ClaimResult("not run", f"have {sorted(by)}")
-    a, b = by["beta"], by["beta_tilde"]
-    rel = abs(a - b) / max(min(a, b), 1e-9)
-    return ClaimResult("pass" if rel < 0.5 else "fail", f"FID beta {a:.2f}, beta-tilde {b:.2f} (relative gap {rel:.0%})")
+    runs = _ddpm1000(df)
+    if len(runs) < 2:
+        return ClaimResult("not run", "", f"need DDPM 1000-step records with both variances (have {sorted(runs)})")
+    tol = 0.49 * min(summarize(v.values()).mean for v in runs.values())
+    return ClaimResult.of(equivalent(runs["beta"], runs["beta_tilde"], tol=tol, names=("beta", "beta-tilde")))
+
+
+def _check_lsimple_vlb(df) -> ClaimResult:
+    d = ok_rows(df, "fid", sampler="ddim", steps=100, grid_kind="uniform", opt_eta=1.0)
+    if d is None or len(d) == 0:
+        return ClaimResult("not run", "", "no DDIM eta=1 S=100 records of the DDPM digits models")
+    d = d[d["reproduction"].isin(("ddpm", "ddim"))]
+    simple, vlb = primary(d[d["model"] == "digits"]), primary(d[d["model"] == "digits-vlb"])
+    if len(simple) == 0:
+        return ClaimResult("not run", "", "no records of the L_simple model (default suite, entry ddim-table1-eta1)")
+    if len(vlb) == 0:
+        return ClaimResult("not run", "", "no records of the L_vlb-trained model (default suite, entry ddpm-vlb)")
+    a = {k[1]: v for k, v in seed_values(simple).items()}  # paired over sampling seeds
+    b = {k[1]: v for k, v in seed_values(vlb).items()}
+    return ClaimResult.of(beats(a, b, names=("L_simple", "L_vlb")))
 
 
 DDPM_REPRO = register(DDPM())

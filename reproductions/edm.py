@@ -22,7 +22,11 @@ import torch
 from bench_core.denoiser import EDMPrecond
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, unet_config_hash
+from bench_core.stats import all_of, beats, scaled, summarize
+from reproductions import (
+    Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, primary, register, seed_values,
+    unet_config_hash,
+)
 from reproductions.ddpm import config_dict
 
 
@@ -125,15 +129,28 @@ class EDM(Reproduction):
     def claims(self) -> list[Claim]:
         return [
             Claim("edm-heun-beats-euler",
-                  "Heun (2nd order) beats Euler at equal NFE on the Karras rho=7 grid (every matched NFE in [8, 40], "
-                  "each model; below 8 NFE, i.e. 3 Heun steps, neither is usable)", "Fig. 2: Heun reaches a given FID with far fewer NFE than Euler", _check_heun_euler),
+                  "Heun (2nd order) beats Euler at equal NFE on the Karras rho=7 grid, on each model, at every matched "
+                  "NFE in [8, 40] (below 8 NFE, 3 Heun steps, neither is usable); one-sided tests at 95% paired over "
+                  "sampling seeds, all must hold",
+                  "Fig. 2: Heun reaches a given FID with far fewer NFE than Euler", _check_heun_euler),
             Claim("edm-rho7-beats-uniform",
-                  "The rho=7 grid beats uniform sigma spacing (rho=1) for Heun at equal steps",
-                  "Fig. 13 (≈): rho = 7 near the optimum; uniform spacing far worse at low NFE", _check_rho),
+                  "The rho=7 sigma grid beats the DDPM/DDIM uniform timestep grid for Heun at equal steps on the "
+                  "DDPM-trained model (the schedule that model was sampled with before EDM; one-sided tests at 95% "
+                  "paired over sampling seeds at every common step count, all must hold)",
+                  "Fig. 13 (≈): rho = 7 near the optimum; Table 2: the EDM discretisation alone takes VP from FID "
+                  "2.66 (35 NFE, original schedule) to ... (≈)", _check_rho),
             Claim("edm-nfe-reduction-ddpm",
                   "On the DDPM-trained model, the EDM sampler (Heun or stochastic, rho=7) reaches DDPM-1000 quality "
-                  "(FID <= 1.1x the best DDPM 1000-step FID) with several (>= 2) times fewer NFE",
+                  "with at least 2x fewer NFE: some NFE <= 500 whose FID is significantly below 1.1x the better "
+                  "DDPM-1000 FID (one-sided, 95%, paired over seeds). Thresholds: 2x is a conservative part of the "
+                  "paper's 7.3x for VP; the 10% allowance makes 'reaches' testable (equal FIDs are never significant).",
                   "VP 7.3x, VE 300x, DDIM 3.2x fewer NFE (≈)", _check_nfe_reduction),
+            Claim("edm-training-beats-ddpm-training",
+                  "A model trained with EDM's preconditioning, loss weighting and noise distribution beats the "
+                  "DDPM-trained one (same network, data and steps) with the same sampler, Heun 18 steps (35 NFE) on "
+                  "rho=7; two training seeds per model, one-sided test at 95% over (training seed, sampling seed) "
+                  "pairs (Welch if the pairs differ)",
+                  "Table 2, CIFAR-10 VP: original training (config A) 3.01 vs EDM training (config F) 1.97", _check_training),
         ]
 
     def tables(self, df):
@@ -244,90 +261,92 @@ def fig2_series(df) -> dict:
     return out
 
 
-def _fid_by(d, sampler: str, grid_kind: str, rho=None, key: str = "nfe") -> dict:
-    """{nfe or steps: mean FID} of one sampler on one grid kind (rho matched when given)."""
+def _seeds_by(d, sampler: str, grid_kind: str, rho=None, key: str = "nfe") -> dict:
+    """{nfe or steps: {(train_seed, seed): FID}} of one sampler on one grid kind (primary models only)."""
     if d is None or len(d) == 0:
         return {}
+    d = primary(d)
     m = (d["sampler"] == sampler) & d["grid"].map(lambda g: isinstance(g, dict) and g.get("kind") == grid_kind)
     if rho is not None:
         m &= d["grid"].map(lambda g: abs(float(g.get("rho", 7.0)) - rho) < 1e-9)
     if sampler == "edm_stochastic":
         m &= d["sampler_opts"].map(lambda o: float(o.get("S_churn", 0)) > 0)
     r = d[m]
-    return {float(k): float(v) for k, v in r.groupby(key)["fid"].mean().items()} if len(r) else {}
+    return {float(k): seed_values(g) for k, g in r.groupby(key)} if len(r) else {}
 
 
 def _check_heun_euler(df) -> ClaimResult:
-    try:
-        parts, ok_all, any_pair = [], True, False
-        for panel in PANELS:
-            d = panel_records(df, panel)
-            heun, euler = _fid_by(d, "heun", "karras", 7.0), _fid_by(d, "euler", "karras", 7.0)
-            pairs = sorted(n for n in heun if n in euler and 8 <= n <= 40)
-            if not pairs:
-                continue
-            any_pair = True
-            wins = [heun[n] < euler[n] for n in pairs]
-            ok_all &= all(wins)
-            parts.append(f"{panel.split(' (')[0]}: " + ", ".join(
-                f"NFE {int(n)} Heun {heun[n]:.2f} vs Euler {euler[n]:.2f}" for n in pairs))
-        if not any_pair:
-            return ClaimResult("not run", "need Heun and Euler records (karras rho=7) at equal NFE in [8, 40]")
-        return ClaimResult("pass" if ok_all else "fail", "; ".join(parts))
-    except Exception as e:  # a check never raises
-        return ClaimResult("not run", f"check failed: {type(e).__name__}: {e}")
+    verdicts, labels = [], []
+    for panel in PANELS:
+        d = panel_records(df, panel)
+        heun, euler = _seeds_by(d, "heun", "karras", 7.0), _seeds_by(d, "euler", "karras", 7.0)
+        for n in sorted(n for n in heun if n in euler and 8 <= n <= 40):
+            verdicts.append(beats(heun[n], euler[n], names=("Heun", "Euler")))
+            labels.append(f"{panel.split(' (')[0]} NFE {int(n)}")
+    if not verdicts:
+        return ClaimResult("not run", "", "need Heun and Euler records (karras rho=7) at equal NFE in [8, 40]")
+    return ClaimResult.of(all_of(verdicts, labels))
 
 
 def _check_rho(df) -> ClaimResult:
-    try:
-        parts, ok_all, any_pair = [], True, False
-        for panel in PANELS:
-            d = panel_records(df, panel)
-            r7 = _fid_by(d, "heun", "karras", 7.0, key="steps")
-            uni = {**_fid_by(d, "heun", "linear", key="steps"), **_fid_by(d, "heun", "karras", 1.0, key="steps")}
-            pairs = sorted(s for s in r7 if s in uni)
-            if not pairs:
-                continue
-            any_pair = True
-            ok_all &= all(r7[s] < uni[s] for s in pairs)
-            parts.append(f"{panel.split(' (')[0]}: " + ", ".join(
-                f"{int(s)} steps rho=7 {r7[s]:.2f} vs uniform {uni[s]:.2f}" for s in pairs))
-        if not any_pair:
-            return ClaimResult("not run", "need Heun records on karras rho=7 and on a uniform-in-sigma grid at equal steps")
-        return ClaimResult("pass" if ok_all else "fail", "; ".join(parts))
-    except Exception as e:
-        return ClaimResult("not run", f"check failed: {type(e).__name__}: {e}")
+    d = panel_records(df, "DDPM model (VP, eps-prediction)")
+    r7, uni = _seeds_by(d, "heun", "karras", 7.0, key="steps"), _seeds_by(d, "heun", "uniform", key="steps")
+    pairs = sorted(s for s in r7 if s in uni)
+    if not pairs:
+        return ClaimResult("not run", "", "need Heun records on karras rho=7 and on the uniform timestep grid at "
+                                          "equal steps (default suite, entries edm-ddpm-heun and edm-ddpm-heun-uniform)")
+    return ClaimResult.of(all_of([beats(r7[s], uni[s], names=("rho=7", "uniform")) for s in pairs],
+                                 [f"{int(s)} steps" for s in pairs]))
 
 
 def _check_nfe_reduction(df) -> ClaimResult:
-    try:
-        d = panel_records(df, "DDPM model (VP, eps-prediction)")
-        if d is None:
-            return ClaimResult("not run", "no records of the DDPM digits model")
-        ref = d[(d["sampler"] == "ddpm") & (d["steps"] == 1000)
-                & d["grid"].map(lambda g: isinstance(g, dict) and g.get("kind") == "uniform")]
-        if len(ref) == 0:
-            return ClaimResult("not run", "no DDPM 1000-step records (default suite, entry ddpm-ancestral)")
-        target = float(ref["fid"].min())
-        ref_nfe = float(ref.loc[ref["fid"].idxmin(), "nfe"])
-        cand = {}
-        for s in ("heun", "edm_stochastic"):
-            for n, f in _fid_by(d, s, "karras", 7.0).items():
-                if f <= 1.1 * target:
-                    cand[n] = min(cand.get(n, math.inf), f)
-        if not cand:
-            best = {**_fid_by(d, "heun", "karras", 7.0), **_fid_by(d, "edm_stochastic", "karras", 7.0)}
-            if not best:
-                return ClaimResult("not run", "no Heun / stochastic EDM records on the DDPM model")
-            n, f = min(best.items(), key=lambda kv: kv[1])
-            return ClaimResult("fail", f"DDPM-1000 FID {target:.2f}; the EDM sampler's best is {f:.2f} at NFE {int(n)}")
-        n = min(cand)
-        ratio = ref_nfe / n
-        return ClaimResult("pass" if ratio >= 2 else "fail",
-                           f"DDPM-1000 FID {target:.2f}; the EDM sampler reaches {cand[n]:.2f} at NFE {int(n)}: "
-                           f"{ratio:.1f}x fewer NFE")
-    except Exception as e:
-        return ClaimResult("not run", f"check failed: {type(e).__name__}: {e}")
+    d = panel_records(df, "DDPM model (VP, eps-prediction)")
+    if d is None:
+        return ClaimResult("not run", "", "no records of the DDPM digits model")
+    d = d[d["reproduction"] == "ddpm"]
+    ddpm1000 = primary(d[(d["sampler"] == "ddpm") & (d["steps"] == 1000)])
+    ref = {}
+    for var in ("beta", "beta_tilde"):
+        vals = seed_values(ddpm1000[ddpm1000["sampler_opts"].map(lambda o, var=var: o.get("variance") == var)])
+        if vals:
+            ref[var] = vals
+    if not ref:
+        return ClaimResult("not run", "", "no DDPM 1000-step records (default suite, entry ddpm-ancestral)")
+    best = min(ref, key=lambda k: summarize(ref[k].values()).mean)
+    target = scaled(ref[best], 1.1)
+    cands = []
+    for s in ("heun", "edm_stochastic"):
+        for n, vals in _seeds_by(d, s, "karras", 7.0).items():
+            if n <= 500:
+                cands.append((n, s, beats(vals, target, names=(f"{s} NFE {int(n)}", f"1.1 x DDPM-1000 ({best})"))))
+    if not cands:
+        return ClaimResult("not run", "", "no Heun / stochastic EDM records on the DDPM model")
+    cands.sort(key=lambda c: c[0])
+    passing = [c for c in cands if c[2].status == "pass"]
+    if passing:
+        n, s, v = passing[0]
+        return ClaimResult("pass", f"{s} at NFE {int(n)}: {1000 / n:.0f}x fewer NFE; {v.text}")
+    if all(c[2].status == "fail" for c in cands):
+        return ClaimResult("fail", "; ".join(f"NFE {int(c[0])} {c[1]}: {c[2].text}" for c in cands[:3]),
+                           "every EDM-sampler run is significantly worse than 1.1x the DDPM-1000 FID")
+    return ClaimResult("inconclusive", "; ".join(f"NFE {int(c[0])} {c[1]}: {c[2].text}" for c in cands[:3]),
+                       "no run is significantly within 1.1x of the DDPM-1000 FID")
+
+
+def _check_training(df) -> ClaimResult:
+    d = ok_rows(df, "fid", model="digits", sampler="heun", steps=18, grid_kind="karras")
+    if d is None or len(d) == 0:
+        return ClaimResult("not run", "", "no Heun 18-step records of the digits models")
+    d = d[d["grid"].map(lambda g: abs(float(g.get("rho", 7.0)) - 7.0) < 1e-9)]
+    edm, ddpm = seed_values(d[d["reproduction"] == "edm"]), seed_values(d[d["reproduction"] == "ddpm"])
+    n_edm = len({k[0] for k in edm})
+    n_ddpm = len({k[0] for k in ddpm})
+    v = beats(edm, ddpm, names=("EDM-trained", "DDPM-trained"))
+    res = ClaimResult.of(v, prefix=f"training seeds: EDM {n_edm}, DDPM {n_ddpm}; ")
+    if res.status == "pass" and min(n_edm, n_ddpm) < 2:
+        return ClaimResult("inconclusive", res.ours, "one training seed per model: retraining noise not sampled "
+                                                     "(default suite, entries edm-train-seeds and ddpm-train-seeds)")
+    return res
 
 
 EDM_REPRO = register(EDM())

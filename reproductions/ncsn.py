@@ -27,11 +27,13 @@ from torch import Tensor, nn
 from bench_core.denoiser import GMMDenoiser, bcast, expand_sigma
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, unet_config_hash
+from reproductions import (Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values,
+                           unet_config_hash)
 from reproductions.sohl_dickstein import _cpu_threads
 
 PAPER_FID, PAPER_IS = 25.32, 8.87  # CIFAR-10 (≈)
 TRUE_WEIGHTS = (0.8, 0.2)
+WEIGHT_TOL = 0.05  # a quarter of the minority weight 0.2
 
 
 @dataclass
@@ -191,18 +193,24 @@ class NCSN(Reproduction):
 
     # ---------------------------------------------------------------------------------------
     def claims(self):
+        rule = (f"Weights: the fraction of samples nearest (5,5), pooled over every seed's samples, with its binomial "
+                f"standard error sqrt(w(1-w)/n) (independent chains); tolerance ±{WEIGHT_TOL} = a quarter of the "
+                f"minority weight 0.2 (an error that moves a quarter of the minority mode's mass)")
         return [
             Claim("ncsn-toy-plain-langevin-wrong-weights",
                   "Exact score of 0.8 N((5,5), I) + 0.2 N((-5,-5), I): plain Langevin (lr 0.1, 1000 steps) gets the "
-                  "weights wrong (weight of (5,5) off by more than 0.15)",
-                  "qualitative (Fig. 3b)", _check_toy("langevin", wrong=True)),
+                  f"weights wrong: the weight of (5,5) is off 0.8 by more than ±{WEIGHT_TOL} (one-sided 95% test).  "
+                  + rule,
+                  "qualitative (Fig. 3b: about equal weights)", _check_toy("langevin", wrong=True)),
             Claim("ncsn-toy-annealed-langevin-right-weights",
-                  "Annealed Langevin (10 sigmas 20 -> 1, 100 steps each) recovers the weights (within 0.05 of 0.8)",
+                  "Annealed Langevin (10 sigmas 20 -> 1, 100 steps each) recovers the weights: the weight of (5,5) is "
+                  f"0.8 within ±{WEIGHT_TOL} (two one-sided tests, 90% interval inside).  " + rule,
                   "qualitative (Fig. 3c)", _check_toy("annealed_langevin", wrong=False)),
             Claim("ncsn-digits-annealing-helps",
-                  "On the digits NCSN, annealed Langevin beats plain Langevin at the smallest sigma with the same "
-                  "number of steps (lower FID)",
-                  f"CIFAR-10 FID {PAPER_FID}, IS {PAPER_IS} (≈) with annealed Langevin", _check_digits),
+                  "On the digits NCSN, annealed Langevin beats plain Langevin at the smallest sigma at equal NFE "
+                  "(lower FID, paired one-sided 95% test over sampling seeds)",
+                  f"CIFAR-10 FID {PAPER_FID}, IS {PAPER_IS} (≈) with annealed Langevin; "
+                  "plain Langevin fails on image data (Sec. 3)", _check_digits),
         ]
 
     def tables(self, df):
@@ -212,11 +220,11 @@ class NCSN(Reproduction):
         toy = _toy_rows(df)
         if toy is not None:
             rows = []
-            for _, r in toy.iterrows():
-                w = r["metrics"]["mode_weights"]
-                rows.append({"sampler": r["sampler_label"] if "sampler_label" in r else r["sampler"], "nfe": int(r["nfe"]),
-                             "w(5,5)": f"{w[0]:.3f}", "w(-5,-5)": f"{w[1]:.3f}", "true": "0.800 / 0.200",
-                             "paper": "plain: wrong; annealed: right (Fig. 3)"})
+            for sampler, g in toy.groupby("sampler"):
+                res = _check_toy(sampler, wrong=sampler == "langevin")(df)
+                rows.append({"sampler": sampler, "nfe": int(g["nfe"].iloc[0]), "seeds": len(g),
+                             "w(5,5), pooled ± 95%": res.ours.split(": weight of (5,5) ")[-1].split(" (n=")[0],
+                             "true": "0.800 / 0.200", "paper": "plain: wrong; annealed: right (Fig. 3)"})
             out["NCSN toy (exact score): measured mixture weights"] = pd.DataFrame(rows)
         dg = ok_rows(df, reproduction="ncsn", model="digits")
         if dg is not None and len(dg) and "fid" in dg:
@@ -245,31 +253,52 @@ def _check_toy(sampler: str, wrong: bool):
     def check(df) -> ClaimResult:
         d = _toy_rows(df, sampler)
         if d is None:
-            return ClaimResult("not run", f"no ncsn toy records with sampler {sampler}")
-        w = [m["mode_weights"][0] for m in d["metrics"]]
-        off = [abs(v - TRUE_WEIGHTS[0]) for v in w]
-        ok = all(o > 0.15 for o in off) if wrong else all(o < 0.05 for o in off)
-        txt = ", ".join(f"{v:.3f}" for v in w)
-        return ClaimResult("pass" if ok else "fail", f"{sampler}: weight of (5,5) = {txt} (true 0.8)")
+            return ClaimResult("not run", "", f"no ncsn toy records with sampler {sampler}")
+        ns = [int(n) for n in d["num_samples"]]
+        ws = [float(m["mode_weights"][0]) for m in d["metrics"]]
+        n = sum(ns)
+        w = sum(wi * ni for wi, ni in zip(ws, ns)) / n        # pooled fraction nearest (5,5)
+        se = math.sqrt(max(w * (1 - w), 1e-12) / n)
+        per = ", ".join(f"{v:.3f}" for v in ws)
+        off = w - TRUE_WEIGHTS[0]
+        if wrong:  # |w - 0.8| > tol, one-sided 95%: the nearer bound of the interval is past the tolerance
+            lo, hi = off - 1.645 * se, off + 1.645 * se
+            near = min(abs(lo), abs(hi)) if lo * hi > 0 else 0.0
+            far = max(abs(lo), abs(hi))
+            text = (f"{sampler}: weight of (5,5) {w:.3f} ± {1.96 * se:.3f} (n={n}; per seed {per}; true 0.8); "
+                    f"95% one-sided bounds of the error [{lo:+.3f}, {hi:+.3f}]")
+            if near > WEIGHT_TOL:
+                return ClaimResult("pass", text)
+            if far < WEIGHT_TOL:
+                return ClaimResult("fail", text, f"the weight is significantly within ±{WEIGHT_TOL} of 0.8: not wrong")
+            return ClaimResult("inconclusive", text, f"the tolerance ±{WEIGHT_TOL} is inside the sampling noise")
+        lo, hi = off - 1.645 * se, off + 1.645 * se  # the 90% interval of the two one-sided tests
+        text = (f"{sampler}: weight of (5,5) {w:.3f} ± {1.96 * se:.3f} (n={n}; per seed {per}; true 0.8); "
+                f"90% interval of the error [{lo:+.3f}, {hi:+.3f}], tolerance ±{WEIGHT_TOL}")
+        if -WEIGHT_TOL < lo and hi < WEIGHT_TOL:
+            return ClaimResult("pass", text)
+        if lo > WEIGHT_TOL or hi < -WEIGHT_TOL:
+            return ClaimResult("fail", text, f"the weight is significantly off 0.8 by more than ±{WEIGHT_TOL}")
+        return ClaimResult("inconclusive", text, f"the 90% interval reaches past ±{WEIGHT_TOL}")
 
     return check
 
 
 def _check_digits(df) -> ClaimResult:
-    d = ok_rows(df, reproduction="ncsn", model="digits")
+    from bench_core.stats import beats
+
+    if df is None or len(df) == 0 or "reproduction" not in df:
+        return ClaimResult("not run", "", "no records")
+    d = ok_rows(df, "fid", reproduction="ncsn", model="digits")
     if d is None or len(d) == 0:
-        return ClaimResult("not run", "no ncsn digits records")
-    d = d[d["fid"].notna()]
+        return ClaimResult("not run", "", "no ncsn digits records")
     a, p = d[d["sampler"] == "annealed_langevin"], d[d["sampler"] == "langevin"]
-    if len(a) == 0 or len(p) == 0:
-        return ClaimResult("not run", "need annealed_langevin and langevin records of the digits model")
-    # compare at equal NFE where possible, otherwise the best of each
     common = sorted(set(a["nfe"]) & set(p["nfe"]))
-    if common:
-        a, p = a[a["nfe"] == common[-1]], p[p["nfe"] == common[-1]]
-    fa, fp = float(a["fid"].min()), float(p["fid"].min())
-    return ClaimResult("pass" if fa < fp else "fail",
-                       f"FID annealed {fa:.2f} vs plain {fp:.2f} (NFE {int(a['nfe'].iloc[0])} / {int(p['nfe'].iloc[0])})")
+    if not common:
+        return ClaimResult("not run", "", "need annealed_langevin and langevin records of the digits model at equal NFE")
+    nfe = common[-1]
+    return ClaimResult.of(beats(seed_values(a[a["nfe"] == nfe], "fid"), seed_values(p[p["nfe"] == nfe], "fid"),
+                                what=f"FID at NFE {nfe:.0f}", names=("annealed", "plain")))
 
 
 NCSN_REPRO = register(NCSN())

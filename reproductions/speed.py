@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from bench_core.accel import AccelOptions, accelerated_denoiser
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register
+from bench_core.accel import NETWORKS, AccelOptions, accelerated_denoiser
+from bench_core.stats import Verdict, beats, difference, equivalent
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values
 from reproductions.ddpm import BuiltOnDDPM
 
 
@@ -70,7 +71,8 @@ def speed_records(df, kind: str = "ablation") -> pd.DataFrame:
             "tolerance": m.get("tolerance"), "equal": m.get("equal_within_tol"),
             "backend": m.get("fused_norm_act_backend", ""), "overhead_ratio": m.get("overhead_ratio"),
             "sec_bare_calls": m.get("sec_bare_calls"), "timestamp": r.get("timestamp") or "",
-            "threads": m.get("threads"),
+            "threads": m.get("threads"), "call_all": _num_list(m.get("sec_per_call_all")),
+            "bare_all": _num_list(m.get("sec_bare_all")), "sample_all": _num_list(m.get("sec_sample_all")),
         })
     out = pd.DataFrame(rows).sort_values("timestamp", kind="stable")
     out = out.drop_duplicates(["device_name", "network", "batch", "set"], keep="last")
@@ -78,6 +80,13 @@ def speed_records(df, kind: str = "ablation") -> pd.DataFrame:
     sorder = {n: i for i, n in enumerate(SET_ORDER)}
     out = out.assign(_n=out["network"].map(lambda n: order.get(n, 99)), _s=out["set"].map(lambda s: sorder.get(s, 99)))
     return out.sort_values(["device_name", "_n", "batch", "_s"]).drop(columns=["_n", "_s"]).reset_index(drop=True)
+
+
+def _num_list(xs) -> list[float]:
+    """The finite numbers of a recorded list of timings (anything else: empty)."""
+    if not isinstance(xs, (list, tuple)):
+        return []
+    return [v for v in (_num(x) for x in xs) if v is not None]
 
 
 def _num(x):
@@ -234,33 +243,60 @@ class Speed(BuiltOnDDPM, Reproduction):
         return [
             Claim("speed-options-equal",
                   "Every speed option (alone and all together) leaves the network's output equal to the fp32 "
-                  "naive-attention reference within its stated tolerance (fp32 1e-5 on CPU, 1e-4 on CUDA, 5e-3 with TF32; "
-                  "bf16 5e-2; fp16 1e-2; relative to the output's largest magnitude)",
+                  "naive-attention reference within its stated tolerance, relative to the output's largest magnitude: "
+                  "fp32 1e-5 on CPU (a few float32 roundings, 2^-24 each, through the network), 1e-4 on CUDA (cuDNN "
+                  "may pick FFT / Winograd convolutions), 5e-3 with TF32 (10-bit mantissa); bf16 5e-2 (8-bit mantissa, "
+                  "2^-8 = 3.9e-3 per rounding); fp16 1e-2.  Deterministic: one comparison per option set, no replicates",
                   "qualitative: the optimizations do not change the model's outputs", _check_equal),
             Claim("speed-all-faster",
                   "All options together are faster per denoiser call than the baseline on the large networks "
-                  "(DDPM CIFAR-10 and SD-shaped U-Nets), on every device and batch measured",
+                  "(DDPM CIFAR-10 and SD-shaped U-Nets), on every device and batch measured with >= 2 timing repeats "
+                  "per side (one-sided Welch t at 95% over the timed calls, margin 0: any significant gain, the "
+                  "paper's -33% to -52% are phone GPUs and SD 1.4)",
                   "SD 1.4, 20 iterations at 512x512: -52% latency on a Galaxy S23 Ultra, -33% on an iPhone 14 Pro",
                   _check_all_faster),
+            Claim("speed-option-gains",
+                  "Each of the paper's optimizations that we implement -- partially fused softmax (attn_chunked), "
+                  "FlashAttention-style fused attention (attn_sdpa), the fused GroupNorm+activation kernel "
+                  "(fused_norm_act; _triton: the hand-written kernel) and Winograd / autotuned convolution "
+                  "(conv_benchmark, CUDA) -- alone lowers the latency of one denoiser call against the baseline, on "
+                  "the hardware each record names.  Per device, decided at the measured setting closest to the "
+                  "paper's (SD-shaped U-Net at its smallest batch; where that has < 2 timing repeats, the DDPM "
+                  "CIFAR-10 U-Net at its smallest batch) by a one-sided Welch t at 95% over the timed calls, margin 0 "
+                  "(the calls of one option are timed back to back, so slow drifts of a shared machine are not in "
+                  "the noise estimate).  Options beyond the paper (channels_last, bf16, fp16, CUDA graphs) are shown, "
+                  "not decided.  The records come from benchmarks/speed_ablation.py, not the default suite",
+                  "all options together: -52% latency on a Galaxy S23 Ultra, -33% on an iPhone 14 Pro (SD 1.4, "
+                  "512x512, 20 iterations); per option: each is presented as a latency gain on mobile GPUs (the "
+                  "per-option figures are not in our paper notes)",
+                  _check_option_gains),
             Claim("speed-attention-memory",
                   "Chunked (partially fused) and fused (sdpa) attention need less peak memory per call than naive "
-                  "attention on the SD-shaped network (64x64 latent: 4096 x 4096 attention weights per head)",
+                  "attention on the SD-shaped network, by more than half of the largest attention-weight matrix naive "
+                  "attention holds (batch x heads x (64*64)^2 float32 = 512 MiB at batch 1), the mechanism's "
+                  "expected saving; peak memory is one deterministic measurement per option set",
                   "qualitative (Sec. 3: the full attention matrix is never materialised)", _check_attention_memory),
             Claim("speed-trained-same-fid",
-                  "On the trained DDPM digits model, the speed options (sdpa, bf16) keep the FID "
-                  "(within max(1.0, 15%) of fp32 with the same sampler and steps) and sample faster",
+                  f"On the trained DDPM digits model, the speed options (sdpa, bf16) keep the FID of the fp32 run "
+                  f"with the same sampler, steps and sampling seeds: equivalent within ±{SAME_FID_TOL} FID (two "
+                  f"one-sided paired t-tests at 95% over sampling seeds; {SAME_FID_TOL} = the smallest "
+                  "seed-to-seed standard deviation of FID measured on this model, 0.7-1.4 at FID 5-9 over five "
+                  "sampling seeds in the issue 'Numbers you can trust': a shift below it moves no ranking the "
+                  "benchmark makes).  Latency per batch is shown beside it (its verdict does not decide the claim: "
+                  "speed-all-faster and speed-option-gains do)",
                   "qualitative: the optimizations do not change the model's outputs; -33% to -52% latency",
                   _check_trained),
             Claim("speed-gpu-loop-overhead",
-                  "On a GPU, the sampling loop costs at most 1.02x NFE denoiser calls at batch 512 (digits U-Net, "
-                  "with CUDA graphs: per call, or the whole loop captured)",
-                  "issue target (not from the paper)", _check_overhead),
+                  "On a GPU, the sampling loop costs at most 1.02x NFE bare denoiser calls at batch 512 (digits U-Net, "
+                  "with CUDA graphs: per call, or the whole loop captured): the 20-step runs' time is below 1.02x the "
+                  "bare calls' time by a one-sided Welch t at 95% over the timed runs (either graph mode may meet it)",
+                  "our target (not from the paper)", _check_overhead, kind="target"),
             Claim("speed-gpu-vs-diffusers",
-                  "On a GPU, our DDPM CIFAR-10 U-Net in bf16 with every option is at least as fast as diffusers' "
-                  "UNet2DModel (same configuration, bf16, torch.compile) at the same batch",
-                  "issue target (not from the paper)", _check_diffusers),
+                  "On a GPU, our DDPM CIFAR-10 U-Net in bf16 with every option (with or without torch.compile) is "
+                  "faster per call than diffusers' UNet2DModel (same configuration, bf16, torch.compile) at the same "
+                  "batch (one-sided Welch t at 95% over the timed calls, margin 0)",
+                  "our target (not from the paper)", _check_diffusers, kind="target"),
         ]
-
 
 def _cuda() -> bool:
     import torch
@@ -268,11 +304,48 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+SAME_FID_TOL = 0.7  # FID: the smallest seed-to-seed SD measured on the DDPM digits model (issue 12: 0.7-1.4 at FID 5-9)
+# the paper's optimizations (Chen et al. 2023, Sec. 3) as our option sets, and what each stands for
+PAPER_OPTIONS = {
+    "attn_chunked": "partially fused softmax", "attn_sdpa": "FlashAttention-style fused attention",
+    "fused_norm_act": "fused GroupNorm+SiLU", "fused_norm_act_triton": "fused GroupNorm+SiLU (Triton kernel)",
+    "conv_benchmark": "Winograd / autotuned convolution",
+}
+BEYOND_PAPER = ("channels_last", "bf16", "fp16", "cuda_graph")
+NO_ABLATION = ("the per-option records come from benchmarks/speed_ablation.py, not the default suite (the CPU "
+               "ablation takes about 5 minutes, half of it the SD-shaped U-Net): run python benchmarks/speed_ablation.py "
+               "--device cpu --out results/speed/cpu (and --device cuda --out results/speed/gpu on a GPU)")
+NO_GPU = "no GPU in this run"
+
+
+def _ms(xs) -> list[float]:
+    return [1e3 * x for x in xs]
+
+
+def _timing(a_all, b_all, names) -> Verdict:
+    """A (timed calls, seconds) faster than B: one-sided Welch t at 95% (bench_core.stats.beats), in ms."""
+    return beats(_ms(a_all), _ms(b_all), lower_is_better=True, what="ms", names=names, fmt=".3g")
+
+
+def _aggregate(parts: list[tuple[str, Verdict]], empty_why: str) -> ClaimResult:
+    """pass if every verdict passes, fail if any fails, inconclusive otherwise (the why names which)."""
+    if not parts:
+        return ClaimResult("inconclusive", "", empty_why)
+    text = "; ".join(f"{lab}: {v.status}" + (f" ({v.text})" if v.text else "") for lab, v in parts)
+    bad = [lab for lab, v in parts if v.status == "fail"]
+    if bad:
+        return ClaimResult("fail", text, "significantly short: " + ", ".join(bad))
+    open_ = [lab for lab, v in parts if v.status != "pass"]
+    if open_:
+        return ClaimResult("inconclusive", text, "inside the noise: " + ", ".join(open_))
+    return ClaimResult("pass", text)
+
+
 def _check_equal(df) -> ClaimResult:
     d = speed_records(df)
     d = d[d["equal"].notna()] if len(d) else d
     if len(d) == 0:
-        return ClaimResult("not run", "no speed ablation records (benchmarks/speed_ablation.py)")
+        return ClaimResult("not run", "", "no speed ablation records: " + NO_ABLATION)
     bad = d[~d["equal"].astype(bool)]
     worst = {}
     for dt, g in d.groupby("dtype"):
@@ -280,121 +353,218 @@ def _check_equal(df) -> ClaimResult:
     text = f"{len(d) - len(bad)}/{len(d)} within tolerance; worst relative error " + ", ".join(
         f"{k} {v:.1e}" for k, v in sorted(worst.items()))
     if len(bad):
-        text += "; outside: " + ", ".join(f"{r.network}/b{r.batch}/{r.set} ({r.rel_err:.1e})" for r in bad.itertuples())
-    return ClaimResult("pass" if len(bad) == 0 else "fail", text)
+        outside = ", ".join(f"{r.device_name} {r.network}/b{r.batch}/{r.set} ({r.rel_err:.1e} > {r.tolerance:.0e})"
+                            for r in bad.itertuples())
+        return ClaimResult("fail", f"{text}; outside: {outside}", f"{len(bad)} option set(s) outside their tolerance")
+    return ClaimResult("pass", text)
 
 
-def _speedups(d) -> list[tuple]:
-    out = []
-    if len(d) == 0:
-        return out
-    for (dev, net, batch), g in d.groupby(["device_name", "network", "batch"], sort=False):
-        g = g.set_index("set")
-        if "baseline" in g.index and "all" in g.index:
-            s = _ratio(g.loc["baseline", "sec_per_call"], g.loc["all", "sec_per_call"])
-            if s:
-                out.append((dev, net, int(batch), s))
-    return out
+def _pair(g, a: str, b: str = "baseline"):
+    """The timed calls of option sets ``a`` and ``b`` in one (device, network, batch) group, or None."""
+    g = g.set_index("set")
+    if a not in g.index or b not in g.index:
+        return None
+    return g.loc[a, "call_all"], g.loc[b, "call_all"]
 
 
 def _check_all_faster(df) -> ClaimResult:
-    sp = _speedups(speed_records(df))
-    large = [x for x in sp if x[1] in LARGE]
-    if not large:
-        return ClaimResult("not run", "need baseline and all-options records of the CIFAR-10 or SD-shaped network")
-    ok = all(s > 1.0 for *_, s in large)
-    devs = sorted({x[0] for x in sp})
-    text = "; ".join(f"{dev}: " + ", ".join(f"{net} b{b} {s:.2f}x" for d_, net, b, s in sp if d_ == dev) for dev in devs)
-    return ClaimResult("pass" if ok else "fail", "speedup of all options per call: " + text)
+    d = speed_records(df)
+    if len(d) == 0:
+        return ClaimResult("not run", "", "no speed ablation records: " + NO_ABLATION)
+    parts, single = [], []
+    for (dev, net, batch), g in d[d["network"].isin(LARGE)].groupby(["device_name", "network", "batch"], sort=True):
+        p = _pair(g, "all")
+        if p is None:
+            continue
+        lab = f"{dev} {net} b{batch}"
+        if min(len(p[0]), len(p[1])) < 2:
+            s = _ratio(g.set_index("set").loc["baseline", "sec_per_call"], g.set_index("set").loc["all", "sec_per_call"])
+            single.append(f"{lab} {s:.2f}x" if s else lab)
+            continue
+        parts.append((lab, _timing(p[0], p[1], ("all", "baseline"))))
+    if not parts and not single:
+        return ClaimResult("not run", "", "need baseline and all-options records of the CIFAR-10 or SD-shaped network")
+    res = _aggregate(parts, "every large-network measurement has a single timed call")
+    if single:
+        res.ours = (res.ours + "; " if res.ours else "") + "one timed call, not decided: " + ", ".join(single)
+    return res
+
+
+def _closest_to_paper(d):
+    """(network, batch) of one device's ablation closest to the paper's setting with >= 2 baseline timings."""
+    for net in ("sd15_shaped", "ddpm_cifar10"):
+        g = d[(d["network"] == net) & (d["set"] == "baseline")]
+        g = g[g["call_all"].map(len) >= 2]
+        if len(g):
+            return net, int(g["batch"].min())
+    return None
+
+
+def _check_option_gains(df) -> ClaimResult:
+    d = speed_records(df)
+    if len(d) == 0:
+        return ClaimResult("not run", "", NO_ABLATION)
+    parts, texts = [], []
+    for dev, gd in d.groupby("device_name", sort=True):
+        where = _closest_to_paper(gd)
+        if where is None:
+            texts.append(f"{dev}: no large-network baseline with >= 2 timed calls")
+            continue
+        net, batch = where
+        g = gd[(gd["network"] == net) & (gd["batch"] == batch)]
+        base = g.set_index("set").loc["baseline", "sec_per_call"]
+        line = []
+        for s in (*PAPER_OPTIONS, *BEYOND_PAPER):
+            p = _pair(g, s)
+            if p is None:
+                continue
+            gain = _ratio(base, g.set_index("set").loc[s, "sec_per_call"])
+            g_txt = f"{gain:.2f}x" if gain else "–"
+            if s in PAPER_OPTIONS:
+                v = _timing(p[0], p[1], (s, "baseline"))
+                parts.append((f"{dev} {s}", v))
+                diff = difference(_ms(p[0]), _ms(p[1]))
+                bounds = ""
+                if diff is not None and math.isfinite(diff.se):
+                    lo, hi = diff.bound(0.95)
+                    bounds = f", {diff.d:+.3g} ms [{lo:+.3g}, {hi:+.3g}]"
+                line.append(f"{s} {g_txt}{bounds} {v.status}")
+            else:
+                line.append(f"{s} {g_txt} (beyond the paper)")
+        texts.append(f"{dev}, {net} b{batch}, median speedup per call and gain with 95% bounds: " + ", ".join(line))
+    res = _aggregate(parts, "no paper option measured beside a baseline with >= 2 timed calls")
+    res.ours = "; ".join(texts)
+    return res
+
+
+def _attn_matrix_mb(network: str, batch: int) -> float | None:
+    """MiB of the largest attention-weight matrix naive attention holds: batch x heads x L^2 float32."""
+    cfg = NETWORKS.get(network)
+    if cfg is None or not cfg.attn_resolutions:
+        return None
+    best = 0.0
+    for r in cfg.attn_resolutions:
+        level = int(round(math.log2(cfg.resolution / r)))
+        ch = cfg.ch * cfg.ch_mult[min(level, len(cfg.ch_mult) - 1)]
+        heads = ch // cfg.num_head_channels if cfg.num_head_channels else cfg.num_heads
+        best = max(best, batch * heads * float(r * r) ** 2 * 4 / 2**20)
+    return best
 
 
 def _check_attention_memory(df) -> ClaimResult:
     d = speed_records(df)
     if len(d) == 0:
-        return ClaimResult("not run", "no speed ablation records")
+        return ClaimResult("not run", "", "no speed ablation records: " + NO_ABLATION)
     d = d[d["network"] == "sd15_shaped"]
-    parts, ok, seen = [], True, False
+    parts, bad = [], []
     for (dev, batch), g in d.groupby(["device_name", "batch"], sort=True):
         g = g.set_index("set")
         naive = _num(g["peak_mb"].get("baseline")) if "baseline" in g.index else None
+        need = 0.5 * (_attn_matrix_mb("sd15_shaped", int(batch)) or 0.0)
         for s in ("attn_chunked", "attn_sdpa"):
             v = _num(g["peak_mb"].get(s)) if s in g.index else None
             if naive is None or v is None:
                 continue
-            seen = True
-            ok &= v < naive
-            parts.append(f"{dev} b{batch} {s} {v:.0f} MB vs naive {naive:.0f} MB")
-    if not seen:
-        return ClaimResult("not run", "need SD-shaped records with naive, chunked and sdpa attention and peak memory")
-    return ClaimResult("pass" if ok else "fail", "; ".join(parts))
+            parts.append(f"{dev} b{batch} {s} {v:.0f} MB vs naive {naive:.0f} MB (saving {naive - v:.0f} MB, "
+                         f"required > {need:.0f} MB)")
+            if not naive - v > need:
+                bad.append(f"{dev} b{batch} {s}")
+    if not parts:
+        return ClaimResult("not run", "", "need SD-shaped records with naive, chunked and sdpa attention and peak memory")
+    if bad:
+        return ClaimResult("fail", "; ".join(parts), "saving below half the attention matrix: " + ", ".join(bad))
+    return ClaimResult("pass", "; ".join(parts))
 
 
 def _check_overhead(df) -> ClaimResult:
     d = speed_records(df, "overhead")
     d = d[(d["device"] == "cuda") & (d["batch"] >= 512)] if len(d) else d
     if len(d) == 0:
-        return ClaimResult("not run", "no GPU sampling-overhead record at batch 512 (benchmarks/gpu_ablation.sh)")
-    best = d.loc[d["overhead_ratio"].astype(float).idxmin()]
-    text = ", ".join(f"{r.device_name} {r.set} {float(r.overhead_ratio):.3f}" for r in d.itertuples())
-    return ClaimResult("pass" if float(best["overhead_ratio"]) <= 1.02 else "fail", text)
+        return ClaimResult("not run", "", NO_GPU + " (no GPU sampling-overhead record at batch 512: "
+                                                   "benchmarks/speed_ablation.py --device cuda --targets)")
+    parts, info = [], []
+    for r in d.itertuples():
+        ratio = _num(r.overhead_ratio)
+        lab = f"{r.device_name} {r.set}" + (f" (median ratio {ratio:.3f})" if ratio is not None else "")
+        if len(r.sample_all) >= 2 and len(r.bare_all) >= 2:
+            v = beats(_ms(r.sample_all), _ms([1.02 * t for t in r.bare_all]), what="ms", fmt=".3g",
+                      names=("sampling loop", "1.02 x bare calls"))
+        else:
+            v = Verdict("inconclusive", "", "one timed run: no estimate of the noise")
+        (parts if r.set != "eager" else info).append((lab, v))
+    if not parts:
+        return ClaimResult("not run", "", "no CUDA-graph variant among the overhead records")
+    text = "; ".join(f"{lab}: {v.status} ({v.text})" for lab, v in parts + info)
+    st = [v.status for _, v in parts]
+    if "pass" in st:
+        return ClaimResult("pass", text)
+    if all(s == "fail" for s in st):
+        return ClaimResult("fail", text, "every CUDA-graph variant's loop is significantly above 1.02x the bare calls")
+    return ClaimResult("inconclusive", text, "no CUDA-graph variant is below 1.02x beyond the noise")
 
 
 def _check_diffusers(df) -> ClaimResult:
     d = speed_records(df, "diffusers")
     d = d[d["device"] == "cuda"] if len(d) else d
     if len(d) == 0:
-        return ClaimResult("not run", "no GPU diffusers comparison (needs diffusers: pip install -e '.[compare]')")
-    parts, ok, seen = [], True, False
+        return ClaimResult("not run", "", NO_GPU + " (or diffusers not installed: pip install -e '.[compare]')")
+    parts = []
     for (dev, batch), g in d.groupby(["device_name", "batch"]):
-        g = g.set_index("set")
-        ours = [v for v in ("ours_all", "ours_all_compile") if v in g.index]
-        if ours and "diffusers_compile" in g.index:
-            b = float(g.loc["diffusers_compile", "sec_per_call"])
-            a = min(float(g.loc[v, "sec_per_call"]) for v in ours)  # every option: with or without compile
-            seen = True
-            ok &= a <= b
-            parts.append(f"{dev} b{batch}: ours " + ", ".join(
-                f"{v} {float(g.loc[v, 'sec_per_call']) * 1e3:.2f} ms" for v in ours)
-                + f" vs diffusers+compile {b * 1e3:.2f} ms")
-    if not seen:
-        return ClaimResult("not run", "need both ours_all and diffusers_compile records at one batch")
-    return ClaimResult("pass" if ok else "fail", "; ".join(parts))
+        for ours in ("ours_all", "ours_all_compile"):
+            p = _pair(g, ours, "diffusers_compile")
+            if p is None:
+                continue
+            v = (_timing(p[0], p[1], (ours, "diffusers+compile")) if min(len(p[0]), len(p[1])) >= 2
+                 else Verdict("inconclusive", "", "one timed call: no estimate of the noise"))
+            parts.append((f"{dev} b{batch} {ours}", v))
+    if not parts:
+        return ClaimResult("not run", "", "need both ours_all and diffusers_compile records at one batch")
+    text = "; ".join(f"{lab}: {v.status} ({v.text})" for lab, v in parts)
+    st = [v.status for _, v in parts]
+    if "pass" in st:
+        return ClaimResult("pass", text)
+    if all(s == "fail" for s in st):
+        return ClaimResult("fail", text, "diffusers + torch.compile is significantly faster per call")
+    return ClaimResult("inconclusive", text, "the difference is inside the timing noise")
 
 
 SPEED_REPRO = register(Speed())
 
 
+def _same(col, value):
+    return col.map(repr) == repr(value)
+
+
 def _check_trained(df) -> ClaimResult:
-    """Suite records of reproduction ``speed`` (a ddpm checkpoint under options) against the fp32 ddpm/ddim
-    records of the same model hash, sampler, options and steps."""
-    try:
-        if df is None or len(df) == 0 or "reproduction" not in df:
-            return ClaimResult("not run", "no records")
-        d = ok_rows(df, "fid")
-        fast = d[(d["reproduction"] == "speed") & (d["dtype"] != "float32")]
-        # fp32 references: the speed reproduction's own (timed beside the fast runs) first, then ddpm/ddim's
-        ref = d[d["reproduction"].isin(["speed", "ddpm", "ddim"]) & (d["dtype"] == "float32")]
-        ref = ref.assign(_own=ref["reproduction"] != "speed").sort_values("_own", kind="stable")
-        parts, ok, n = [], True, 0
-        for _, r in fast.iterrows():
-            same = ref[(ref["model_hash"] == r["model_hash"]) & (ref["sampler"] == r["sampler"])
-                       & (ref["steps"] == r["steps"]) & (ref["num_samples"] == r["num_samples"])
-                       & (ref["batch_size"] == r["batch_size"]) & (ref["device_name"] == r["device_name"])
-                       & (ref["sampler_opts"].map(repr) == repr(r["sampler_opts"]))
-                       & (ref["grid"].map(repr) == repr(r["grid"]))]
-            if len(same) == 0:
-                continue
-            b = same.iloc[0]
-            n += 1
-            close = abs(r["fid"] - b["fid"]) <= max(1.0, 0.15 * b["fid"])
-            faster = r["sec_per_batch"] < b["sec_per_batch"]
-            ok &= bool(close and faster)
-            parts.append(f"{r['sampler']} S={int(r['steps'])} {r['dtype']}: FID {r['fid']:.2f} vs fp32 {b['fid']:.2f}, "
-                         f"{r['sec_per_batch']:.2f} s vs {b['sec_per_batch']:.2f} s per batch "
-                         f"({b['sec_per_batch'] / r['sec_per_batch']:.2f}x)")
-        if not n:
-            return ClaimResult("not run", "need speed suite records and fp32 ddpm/ddim records of the same model, "
-                                          "sampler and steps (default suite, entry speed-digits)")
-        return ClaimResult("pass" if ok else "fail", "; ".join(parts))
-    except Exception as e:
-        return ClaimResult("not run", f"check failed: {type(e).__name__}: {e}")
+    """Suite records of reproduction ``speed`` (a ddpm checkpoint under options) against the fp32 records of the same
+    model hash, sampler, options, grid, steps, sample count, batch and device: the speed reproduction's own fp32 runs
+    (timed beside the fast runs) where present, else ddpm/ddim's."""
+    if df is None or len(df) == 0 or "reproduction" not in df:
+        return ClaimResult("not run", "", "no records")
+    d = ok_rows(df, "fid")
+    fast = d[(d["reproduction"] == "speed") & (d["dtype"] != "float32")]
+    ref = d[d["reproduction"].isin(["speed", "ddpm", "ddim"]) & (d["dtype"] == "float32")]
+    keys = ["model_hash", "sampler", "steps", "num_samples", "batch_size", "device_name", "dtype"]
+    parts, lat = [], []
+    for k, g in fast.groupby(keys, sort=True, dropna=False):
+        r = g.iloc[0]
+        same = ref[(ref["model_hash"] == r["model_hash"]) & (ref["sampler"] == r["sampler"])
+                   & (ref["steps"] == r["steps"]) & (ref["num_samples"] == r["num_samples"])
+                   & (ref["batch_size"] == r["batch_size"]) & (ref["device_name"] == r["device_name"])
+                   & _same(ref["sampler_opts"], r["sampler_opts"]) & _same(ref["grid"], r["grid"])]
+        if len(same) == 0:
+            continue
+        own = same[same["reproduction"] == "speed"]
+        same = own if len(own) else same
+        lab = f"{r['sampler']} S={int(r['steps'])} {r['dtype']}"
+        parts.append((lab, equivalent(seed_values(g, "fid"), seed_values(same, "fid"), tol=SAME_FID_TOL,
+                                      names=(r["dtype"], "fp32"))))
+        t = beats(seed_values(g, "sec_per_batch"), seed_values(same, "sec_per_batch"), what="s/batch",
+                  names=(r["dtype"], "fp32"))
+        lat.append(f"{lab}: {t.status} ({t.text})")
+    if not parts:
+        return ClaimResult("not run", "", "need speed suite records and fp32 records of the same model, sampler and "
+                                          "steps (default suite, entries speed-digits and speed-digits-fp32)")
+    res = _aggregate(parts, "")
+    res.ours += "; latency (not deciding): " + "; ".join(lat)
+    return res

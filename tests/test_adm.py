@@ -224,25 +224,145 @@ def test_config_validation_errors():
         ClassifierGuidance(GMMDenoiser(WEIGHTS, MEANS, STDS), exact_log_posterior, -1.0)
 
 
-def test_claims_from_records():
+# --- claims on synthetic records --------------------------------------------------------------------------
+SEEDS = (0, 1, 2)
+
+
+def _guided_records(series: dict) -> "pd.DataFrame":
+    """series: scale -> {metric: [value per sampling seed]} (metrics fid, precision, recall, class_accuracy)."""
     import pandas as pd
 
+    rows = []
+    for s, m in series.items():
+        for i, seed in enumerate(SEEDS):
+            rows.append({"status": "ok", "reproduction": "adm", "model": "guided", "sampler": "ddim",
+                         "sampler_opts": {"eta": 1.0}, "steps": 20, "grid": {"kind": "quadratic"}, "num_samples": 500,
+                         "fid_extractor": "e", "seed": seed, "train_seed": 0, "nfe": 20.0,
+                         "grad_evals": 20.0 if s else 0.0, "samples_per_sec": 100.0,
+                         "fid": m.get("fid", [5.0] * 3)[i], "precision": m.get("precision", [0.8] * 3)[i],
+                         "recall": m.get("recall", [0.8] * 3)[i],
+                         "metrics": {"guidance_scale": s, "class_accuracy": m.get("class_accuracy", [0.5] * 3)[i]}})
+    return pd.DataFrame(rows)
+
+
+def _claim(cid):
+    import reproductions
+
+    return next(c for c in reproductions.get("adm").claims() if c.id == cid)
+
+
+# paired differences (largest scale minus scale 0) per seed; by hand, one-sided t(0.95, 2) = 2.920:
+# [0.10, 0.12, 0.08]: mean 0.10, sem 0.0115, bounds [0.066, 0.134] -> pass
+# [0.05, -0.04, 0.02]: mean 0.01, sem 0.0265, bounds [-0.067, 0.087] -> inconclusive
+# [-0.10, -0.12, -0.08]: bounds [-0.134, -0.066] -> fail
+DIFFS = {"pass": [0.10, 0.12, 0.08], "inconclusive": [0.05, -0.04, 0.02], "fail": [-0.10, -0.12, -0.08]}
+
+
+@pytest.mark.parametrize("expected", list(DIFFS))
+@pytest.mark.parametrize("cid,col,rises", [("adm-guidance-precision", "precision", True),
+                                           ("adm-guidance-class-accuracy", "class_accuracy", True),
+                                           ("adm-guidance-recall", "recall", False)])
+def test_end_to_end_claims_decide_by_paired_seeds(cid, col, rises, expected):
+    base = [0.50, 0.60, 0.55]
+    top = [b + (d if rises else -d) for b, d in zip(base, DIFFS[expected])]
+    df = _guided_records({0.0: {col: base}, 1.0: {col: [0.5] * 3}, 8.0: {col: top}})
+    res = _claim(cid).check(df)
+    assert res.status == expected, res
+    assert (res.why == "") == (expected == "pass")
+    assert "s=8" in res.ours and "s=0" in res.ours
+
+
+def test_end_to_end_claims_need_scale_zero():
+    res = _claim("adm-guidance-precision").check(_guided_records({1.0: {}, 4.0: {}}))
+    assert res.status == "not run" and "scale 0" in res.why
+
+
+def _fid_sweep(mid_by_seed, ends=(8.0, 10.0)):
+    """FID at scales 0, 1, 2, 4, 8: ends fixed per seed (+ a seed offset), the three middle scales given."""
+    off = [0.0, 0.3, -0.2]
+    series = {0.0: {"fid": [ends[0] + o for o in off]}, 8.0: {"fid": [ends[1] + o for o in off]}}
+    for s, v in zip((1.0, 2.0, 4.0), mid_by_seed):
+        series[s] = {"fid": v}
+    return _guided_records(series)
+
+
+def test_u_shape_pass_inconclusive_fail():
+    check = _claim("adm-fid-u-shape").check
+    off = [0.0, 0.3, -0.2]
+    # s=2 is 4 below both ends on every seed (paired differences 4.0, 4.1, 3.9): pass
+    deep = [[7.0 + o for o in off], [4.0 + o + e for o, e in zip(off, (0.0, -0.1, 0.1))], [7.5 + o for o in off]]
+    assert check(_fid_sweep(deep)).status == "pass"
+    # flat within the noise: inconclusive
+    noisy = [[8.0 + e for e in (1.0, -1.2, 0.4)], [8.5 + e for e in (-0.9, 1.1, 0.2)], [9.0 + e for e in (0.8, -0.7, -0.4)]]
+    res = check(_fid_sweep(noisy))
+    assert res.status == "inconclusive" and res.why
+    # FID falls monotonically: every middle scale is significantly worse than the largest (FID 4): fail
+    mono = [[9.0 + o for o in off], [8.0 + o for o in off], [7.0 + o for o in off]]
+    res = check(_fid_sweep(mono, ends=(10.0, 4.0)))
+    assert res.status == "fail" and res.why
+    assert check(_guided_records({0.0: {}, 1.0: {}})).status == "not run"
+
+
+def test_u_shape_corrects_for_choosing_the_best_of_the_middle_scales():
+    """Paired differences [0.6, 1.0, 1.4] against both ends: mean 1.0, sem 0.231.  At one-sided 95% (t = 2.920) the
+    lower bound is +0.33 (a pass for a single pre-chosen scale), at 1 - 0.05/3 (t(0.9833, 2) = 5.64, scipy) it is
+    -0.30: with three middle scales to choose from, inconclusive."""
+    from scipy import stats
+
+    assert 1.0 - stats.t.ppf(0.95, 2) * 0.4 / 3 ** 0.5 > 0 > 1.0 - stats.t.ppf(1 - 0.05 / 3, 2) * 0.4 / 3 ** 0.5
+    off = [0.0, 0.3, -0.2]
+    best = [8.0 + o - d for o, d in zip(off, (0.6, 1.0, 1.4))]
+    far = [[12.0 + o for o in off]] * 2
+    res = _claim("adm-fid-u-shape").check(_fid_sweep([far[0], best, far[1]], ends=(8.0, 8.0)))
+    assert res.status == "inconclusive", res
+
+
+def _ablation_records(fid_adm, fid_ddpm, train_seeds=(0,)):
+    import pandas as pd
+
+    rows = []
+    for model, fids in (("unet-adm", fid_adm), ("unet-ddpm", fid_ddpm)):
+        for j, ts in enumerate(train_seeds):
+            for i, seed in enumerate(SEEDS):
+                rows.append({"status": "ok", "reproduction": "adm", "model": model, "sampler": "ddim",
+                             "sampler_opts": {"eta": 1.0}, "steps": 20, "grid": {"kind": "quadratic"},
+                             "num_samples": 500, "fid_extractor": "e", "seed": seed, "train_seed": ts,
+                             "fid": fids[j][i], "precision": 0.8, "recall": 0.8, "samples_per_sec": 1.0,
+                             "metrics": {"params": 1}})
+    return pd.DataFrame(rows)
+
+
+def test_architecture_claim():
+    import pandas as pd
+
+    check = _claim("adm-architecture").check
+    res = check(pd.DataFrame())
+    assert res.status == "not run" and "adm_ldm.yaml" in res.why
+    ddpm = [[6.0, 6.4, 5.8]]
+    # one training seed: the improvement must clear the 0.5 retraining spread
+    assert check(_ablation_records([[5.0, 5.3, 4.9]], ddpm)).status == "pass"         # 1.0 better, tight
+    res = check(_ablation_records([[5.7, 6.1, 5.5]], ddpm))                              # 0.3 better, tight
+    assert res.status == "inconclusive" and "retraining" in res.why
+    assert check(_ablation_records([[7.0, 7.4, 6.8]], ddpm)).status == "fail"          # 1.0 worse
+    # two training seeds: Welch over the training seeds' means, margin 0
+    two = dict(train_seeds=(0, 1))
+    assert check(_ablation_records([[5.0] * 3, [5.2] * 3], [[6.0] * 3, [6.1] * 3], **two)).status == "pass"
+    assert check(_ablation_records([[5.0] * 3, [7.0] * 3], [[6.0] * 3, [6.1] * 3], **two)).status == "inconclusive"
+
+
+def test_claim_kinds_and_tables():
     import reproductions
 
     adm = reproductions.get("adm")
-    rows = []
-    for s, prec, rec, acc in ((0.0, 0.7, 0.9, 0.1), (1.0, 0.8, 0.85, 0.8), (4.0, 0.9, 0.7, 0.99)):
-        rows.append({"status": "ok", "reproduction": "adm", "model": "guided", "sampler": "ddim",
-                     "sampler_opts": {"eta": 1.0}, "steps": 20, "grid": {"kind": "quadratic"}, "num_samples": 500,
-                     "fid_extractor": "e", "fid": 5.0, "precision": prec, "recall": rec, "nfe": 20.0,
-                     "grad_evals": 20.0 if s else 0.0, "samples_per_sec": 100.0,
-                     "metrics": {"guidance_scale": s, "class_accuracy": acc}})
-    df = pd.DataFrame(rows)
-    status = {c.id: c.check(df).status for c in adm.claims()}
-    assert status == {"adm-guidance-precision": "pass", "adm-guidance-class-accuracy": "pass",
-                      "adm-guidance-recall": "pass", "adm-architecture": "not run"}
+    kinds = {c.id: c.kind for c in adm.claims()}
+    assert kinds == {"adm-guidance-precision": "paper", "adm-guidance-class-accuracy": "sanity",
+                     "adm-guidance-recall": "paper", "adm-fid-u-shape": "paper", "adm-architecture": "paper"}
+    import pandas as pd
+
     assert {c.check(pd.DataFrame()).status for c in adm.claims()} == {"not run"}
-    assert len(adm.tables(df)) == 1
+    df = _guided_records({0.0: {}, 1.0: {}, 4.0: {}})
+    (title, table), = adm.tables(df).items()
+    assert "unconditional" in title and list(table["FID"]) == ["5.00 ± 0.00 (n=3)"] * 3
 
 
 def test_seeded_init_makes_the_classifier_reproducible():

@@ -133,29 +133,120 @@ def test_model_hash_and_overrides():
     assert not rep.override_errors("ct-digits", {"loss": "l2", "train": {"steps": 5}})
 
 
-def _rec(model, mode, nfe, fid, steps=600):
+def _rec(model, mode, nfe, fid, seed=0, train_seed=0, cost=None):
+    cost = cost if cost is not None else (729600 if mode == "cd" else 729600)
     return {"status": "ok", "reproduction": "consistency", "model": model, "sampler": "consistency", "nfe": float(nfe),
             "steps": nfe, "fid": fid, "fid_extractor": "x", "num_samples": 500, "grid": {"kind": "karras"},
-            "sampler_opts": {}, "metrics": {"cm_mode": mode, "cm_train_steps": steps, "cm_batch_size": 64,
-                                            "cm_loss": "pseudo-huber"}, "seed": 0}
+            "sampler_opts": {}, "metrics": {"cm_mode": mode, "train_cost_evals": cost, "train_cost_sec": 100.0,
+                                            "cm_loss": "pseudo-huber"}, "seed": seed, "train_seed": train_seed}
+
+
+# FID offsets per (train_seed, seed): the same sampling seed shifts both sides alike (pairing), noise ~ 0.5
+_NOISE = {(0, 0): 0.3, (0, 1): -0.4, (0, 2): 0.1, (1, 0): -0.2, (1, 1): 0.5, (1, 2): -0.3}
+
+
+def _records(cd1, cd2, ct1, ct2, jitter=0.0, ct_cost=729600):
+    recs = []
+    for i, ((ts, s), e) in enumerate(_NOISE.items()):
+        j = jitter * (1 if i % 2 else -1)  # unpaired noise of size `jitter` on top of the shared offset
+        recs += [_rec("cd-digits", "cd", 1, cd1 + e, s, ts), _rec("cd-digits", "cd", 2, cd2 + e + j, s, ts),
+                 _rec("ct-digits", "ct", 1, ct1 + e - j, s, ts, ct_cost), _rec("ct-digits", "ct", 2, ct2 + e, s, ts, ct_cost)]
+    return pd.DataFrame(recs)
+
+
+def _status(df):
+    return {c.id: c.check(df).status for c in CONSISTENCY_REPRO.claims()}
 
 
 def test_consistency_claims_on_synthetic_records():
     claims = {c.id: c for c in CONSISTENCY_REPRO.claims()}
+    assert claims["cm-beats-euler-1"].kind == "sanity" and claims["cm-ct-trains"].kind == "target"
+    assert claims["cm-2step-beats-1step"].kind == claims["cm-cd-beats-ct"].kind == "paper"
     for c in claims.values():
-        assert c.check(pd.DataFrame()).status == "not run"
-    recs = [_rec("cd-digits", "cd", 1, 10.0), _rec("cd-digits", "cd", 2, 8.0),
-            _rec("ct-digits", "ct", 1, 30.0), _rec("ct-digits", "ct", 2, 20.0)]
-    df = pd.DataFrame(recs)
-    assert claims["cm-2step-beats-1step"].check(df).status == "pass"
-    assert claims["cm-cd-beats-ct"].check(df).status == "pass"
-    assert claims["cm-beats-euler-1"].check(df).status == "not run"  # no teacher Euler record
-    euler = {"status": "ok", "reproduction": "edm", "model": "digits", "sampler": "euler", "nfe": 1.0, "steps": 1,
-             "fid": 150.0, "fid_extractor": "x", "num_samples": 500, "grid": {"kind": "karras"}, "sampler_opts": {},
-             "metrics": {}, "seed": 0}
-    df2 = pd.DataFrame(recs + [euler])
+        r = c.check(pd.DataFrame())
+        assert r.status == "not run" and r.why
+    # clear differences beyond the noise: everything passes (CT 30 <= 3 x CD 15 = 45)
+    st = _status(_records(15.0, 12.0, 30.0, 25.0))
+    assert st == {"cm-ct-trains": "pass", "cm-2step-beats-1step": "pass", "cm-cd-beats-ct": "pass",
+                  "cm-beats-euler-1": "not run"}  # no teacher Euler record
+    # differences inside the noise: inconclusive (2-step vs 1-step, CD vs CT at 1 step)
+    st = _status(_records(15.0, 14.9, 15.1, 14.0, jitter=3.0))
+    assert st["cm-2step-beats-1step"] == "inconclusive" and st["cm-cd-beats-ct"] == "inconclusive"
+    # a significant reversal fails: CT's 2-step worse than its 1-step, CT better than CD
+    st = _status(_records(15.0, 12.0, 10.0, 14.0))
+    assert st["cm-2step-beats-1step"] == "fail" and st["cm-cd-beats-ct"] == "fail"
+    # an untrained CT (FID 543): its bar fails and its halves are not run rather than passing vacuously
+    df = _records(15.0, 12.0, 543.0, 391.0)
+    r = {c.id: c.check(df) for c in claims.values()}
+    assert r["cm-ct-trains"].status == "fail"
+    assert r["cm-cd-beats-ct"].status == "not run" and "bar" in r["cm-cd-beats-ct"].why
+    assert r["cm-2step-beats-1step"].status == "not run" and "CT" in r["cm-2step-beats-1step"].why
+    # unequal training costs: the comparison is not made
+    assert _status(_records(15.0, 12.0, 30.0, 25.0, ct_cost=102400))["cm-cd-beats-ct"] == "not run"
+    # the sanity check against the teacher's one Euler step: 2 x CD must beat it beyond the noise
+    euler = [{"status": "ok", "reproduction": "edm", "model": "digits", "sampler": "euler", "nfe": 1.0, "steps": 1,
+              "fid": 150.0 + e, "fid_extractor": "x", "num_samples": 500, "grid": {"kind": "karras"},
+              "sampler_opts": {}, "metrics": {}, "seed": s, "train_seed": 0} for s, e in enumerate((0.5, -1.0, 0.2))]
+    df2 = pd.concat([_records(15.0, 12.0, 30.0, 25.0), pd.DataFrame(euler)], ignore_index=True)
     assert claims["cm-beats-euler-1"].check(df2).status == "pass"
-    # unequal budgets: the comparison is not made
-    df3 = pd.DataFrame(recs[:2] + [_rec("ct-digits", "ct", 1, 30.0, steps=300), _rec("ct-digits", "ct", 2, 20.0, 300)])
-    assert claims["cm-cd-beats-ct"].check(df3).status == "not run"
-    assert "CD" in CONSISTENCY_REPRO.tables(df)[next(iter(CONSISTENCY_REPRO.tables(df)))].to_string()
+    df3 = pd.concat([_records(90.0, 80.0, 200.0, 150.0), pd.DataFrame(euler)], ignore_index=True)
+    assert claims["cm-beats-euler-1"].check(df3).status == "fail"  # 2 x 90 > 150
+    assert "CD" in CONSISTENCY_REPRO.tables(df2)[next(iter(CONSISTENCY_REPRO.tables(df2)))].to_string()
+
+
+def test_ct_schedules_ict_and_costs():
+    from reproductions.consistency import MODELS, index_probs, ict_N, train_cost_evals
+
+    # iCT: K' = floor(K / (log2(1280 / 10) + 1)) = floor(800 / 8) = 100; N doubles every K' steps from s0 + 1
+    assert [ict_N(k, 800, 10, 1280) for k in (0, 99, 100, 250, 799)] == [11, 11, 21, 41, 1281]
+    g = cm_grid(11, 0.002, 80.0, 7.0)
+    p = index_probs(g, -1.1, 2.0)
+    assert len(p) == 10 and float(p.sum()) == pytest.approx(1.0)
+    # p(n) is the N(-1.1, 2^2) mass of ln sigma in [ln t_n, ln t_{n+1}]: check one cell against scipy's CDF
+    from scipy.stats import norm
+    lo, hi = math.log(float(g[3])), math.log(float(g[4]))
+    total = norm.cdf(math.log(80.0), -1.1, 2.0) - norm.cdf(math.log(0.002), -1.1, 2.0)
+    assert float(p[3]) == pytest.approx((norm.cdf(hi, -1.1, 2.0) - norm.cdf(lo, -1.1, 2.0)) / total, rel=1e-6)
+    # the presets compare CD and CT at an equal total cost (the teacher's included), within the claim's 10%
+    cd, ct = train_cost_evals(MODELS["cd-digits"]), train_cost_evals(MODELS["ct-digits"])
+    t = MODELS["cd-digits"].teacher.train
+    assert cd == t.steps * t.batch_size * 3 + MODELS["cd-digits"].train.steps * MODELS["cd-digits"].train.batch_size * 6
+    assert abs(ct - cd) <= 0.1 * cd
+    # a training seed moves the consistency model's seed, not its teacher's (the shared EDM digits model)
+    assert CONSISTENCY_REPRO.train_seed_overrides("cd-digits", 1) == {"train": {"seed": 1}}
+
+
+def test_ct_training_lowers_the_loss_and_samples_vary():
+    """A few hundred CT steps on digits (a small U-Net): the consistency loss on a fixed held-out batch at a fixed
+    grid drops, the denoising error of f at sigma = 0.5 drops, and one-step samples are not constant."""
+    from bench_core.data import load_dataset
+    from bench_core.train import TrainConfig, seeded_init, train
+    from reproductions import apply_overrides
+    from reproductions.consistency import MODELS
+
+    cfg = apply_overrides(MODELS["ct-digits"], {"unet": {"ch": 8, "norm_groups": 4},
+                                                "train": {"steps": 250, "batch_size": 32, "warmup": 20}})
+    cfg = CONSISTENCY_REPRO.check_config("ct-digits", cfg)
+    x = load_dataset("digits").x
+    held = x[:256]
+    f = seeded_init(lambda: CONSISTENCY_REPRO.build(cfg), 0)
+    fixed = apply_overrides(cfg, {"curriculum": "ct", "s0": 10, "s1": 9})  # N = 10 throughout
+
+    def held_out():
+        f.eval()
+        with torch.no_grad():
+            loss = float(cm_loss(fixed)(f, held, None, torch.Generator().manual_seed(3)))
+            z = torch.randn(held.shape, generator=torch.Generator().manual_seed(4))
+            den = float(((f(held + 0.5 * z, torch.full((len(held),), 0.5)) - held) ** 2).mean())
+        return loss, den
+
+    loss0, den0 = held_out()
+    train(f, cm_loss(cfg), x[256:], cfg.train, progress=False)
+    loss1, den1 = held_out()
+    assert loss1 < 0.95 * loss0, (loss0, loss1)
+    assert den1 < 0.7 * den0, (den0, den1)
+    with torch.no_grad():
+        s = get_sampler("consistency").fn(f.eval(), 80 * torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(5)),
+                                          karras_grid(1))
+    assert float(s.std(0).mean()) > 0.1  # samples differ from one another (data std per pixel ~0.6)
+    assert s.abs().max() < 5

@@ -89,12 +89,16 @@ class FakeRep(reproductions.Reproduction):
             raise ValueError("check exploded")
 
         def not_run(df):
-            return CR("not run", "needs the paper config")
+            return CR("not run", "needs the paper config", "paper config only")
+
+        def noisy(df):
+            return CR("inconclusive", "difference 0.1 ± 0.5")
 
         return [C("best", "best FID below 15", "FID 3.17", best_fid_below_15),
                 C("impossible", "FID below 1 at 100 steps", "FID 0.9", impossible),
                 C("broken", "a check that raises", "?", broken),
-                C("later", "paper-scale claim", "FID 3.17 (≈)", not_run)]
+                C("later", "paper-scale claim", "FID 3.17 (≈)", not_run),
+                C("noisy", "a sanity check inside the noise", "", noisy, kind="sanity")]
 
     def tables(self, df):
         ok = df[(df["reproduction"] == "toy") & (df["status"] == "ok")]
@@ -146,28 +150,51 @@ def records_dir(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_leaderboard_ranks_within_groups():
     lb = leaderboard(synthetic_records())
-    assert set(lb.columns) >= {"group", "rank", "reproduction", "model", "sampler", "steps", "nfe", "fid", "kid",
-                               "precision", "recall", "sec_per_batch", "samples_per_sec", "peak_mem_mb",
-                               "device_name", "n_seeds"}
+    assert set(lb.columns) >= {"group", "rank", "tied", "reproduction", "model", "sampler", "steps", "nfe",
+                               "fid_mean", "fid_sem", "fid_ci_lo", "fid_ci_hi", "kid_mean", "precision_mean",
+                               "recall_mean", "sec_per_batch", "samples_per_sec", "peak_mem_mb", "device_name",
+                               "n_seeds"}
     # four comparable groups: A, B (n=500), C (other extractor), D (2-D model)
     assert lb["group"].nunique() == 4
     for _, g in lb.groupby("group"):
-        assert list(g["rank"]) == list(range(1, len(g) + 1))
-        assert g["fid"].is_monotonic_increasing
+        assert g["fid_mean"].is_monotonic_increasing
         # a group never mixes sample counts, extractors, references or models
         for col in ("num_samples", "fid_extractor", "fid_reference", "model_hash", "dataset"):
             assert g[col].nunique() == 1
     a = lb[(lb["num_samples"] == 1000) & (lb["fid_extractor"] == EXTRACTOR) & (lb["model"] == "cpu")]
-    assert list(a["fid"]) == [11.0, 12.0, 21.0, 30.0]
+    assert list(a["fid_mean"]) == [11.0, 12.0, 21.0, 30.0]
     assert list(a["sampler"]) == ["ddpm uniform", "ddim(eta=0.0) uniform", "ddim(eta=0.0) uniform",
                                   "ddim(eta=0.0) uniform"]
     assert list(a["steps"]) == [100, 50, 20, 10]
-    # the tiny FIDs of group B and C are rank 1 of their own groups only
-    assert (lb.loc[lb["fid"] < 3, "rank"] <= 2).all()
-    assert lb.loc[lb["fid"] == 0.5, "rank"].item() == 1
-    assert lb.loc[lb["fid"] == 2.0, "rank"].item() == 1
+    # one-seed configurations have no interval and no rank; the two-seed one has no rival with an interval
+    assert a["rank"].isna().tolist() == [True, True, False, True]
+    assert a.loc[a["steps"] == 20, "rank"].item() == 1 and not a.loc[a["steps"] == 20, "tied"].item()
     # error / diverged records never appear
     assert not ((lb["steps"] == 5) | (lb["steps"] == 2)).any()
+
+
+def test_leaderboard_intervals_and_ties_by_hand():
+    """Three configurations with three seeds each: A (10, 11, 12), B (11, 12, 13) overlap -> tied rank 1;
+    C (20, 21, 22) lies wholly above both -> rank 3 (two configurations are better), not tied.
+    95% t-interval with 2 dof: mean ± 4.302653 * 1/sqrt(3) (sd 1)."""
+    recs = []
+    for steps, fids in ((10, (10.0, 11.0, 12.0)), (20, (11.0, 12.0, 13.0)), (50, (20.0, 21.0, 22.0))):
+        recs += [rec(steps=steps, nfe=steps, seed=i, fid=f) for i, f in enumerate(fids)]
+    recs.append(rec(steps=100, nfe=100, seed=0, fid=1.0))   # one seed: best mean, but no rank
+    lb = leaderboard(recs).set_index("steps")
+    half = 4.302653 / np.sqrt(3)
+    assert lb.loc[10, "fid_mean"] == pytest.approx(11.0)
+    assert lb.loc[10, "fid_sem"] == pytest.approx(1 / np.sqrt(3))
+    assert lb.loc[10, "fid_ci_lo"] == pytest.approx(11.0 - half, abs=1e-5)
+    assert lb.loc[10, "fid_ci_hi"] == pytest.approx(11.0 + half, abs=1e-5)
+    assert (lb.loc[10, "rank"], lb.loc[10, "tied"]) == (1, True)
+    assert (lb.loc[20, "rank"], lb.loc[20, "tied"]) == (1, True)
+    assert (lb.loc[50, "rank"], lb.loc[50, "tied"]) == (3, False)
+    assert pd.isna(lb.loc[100, "rank"]) and lb.loc[100, "n_seeds"] == 1
+    md = to_markdown(lb.reset_index())
+    ranks = [ln.strip("|").split(" | ")[0].strip() for ln in md.splitlines() if ln.startswith("| ")][2:]
+    assert ranks == ["1 seed", "=1", "=1", "3"]
+    assert f"11.00 ± {half:.2f}" in md
 
 
 def test_leaderboard_names_variants_of_one_preset():
@@ -187,14 +214,14 @@ def test_leaderboard_seed_average_and_nfe_budget():
     row = lb[(lb["steps"] == 20)]
     assert len(row) == 1
     assert row["n_seeds"].item() == 2
-    assert row["fid"].item() == pytest.approx(21.0)
-    assert row["fid_std"].item() == pytest.approx(np.std([20.0, 22.0], ddof=1))
+    assert row["fid_mean"].item() == pytest.approx(21.0)
+    assert row["fid_sem"].item() == pytest.approx(np.std([20.0, 22.0], ddof=1) / np.sqrt(2))
     assert (lb.loc[lb["steps"] != 20, "n_seeds"] == 1).all()
 
     small = leaderboard(synthetic_records(), nfe_max=20)
     assert (small["nfe"] <= 20).all()
     a = small[(small["num_samples"] == 1000) & (small["model"] == "cpu")]
-    assert list(a["steps"]) == [20, 10] and list(a["rank"]) == [1, 2]
+    assert list(a["steps"]) == [20, 10]
     assert leaderboard(synthetic_records(), nfe_max=1).empty
 
 
@@ -202,7 +229,7 @@ def test_leaderboard_repeated_seed_last_wins_and_group_filter():
     recs = synthetic_records() + [rec(steps=10, nfe=10, fid=28.0)]   # re-run of seed 0 at 10 steps
     lb = leaderboard(recs)
     row = lb[(lb["steps"] == 10) & (lb["num_samples"] == 1000) & (lb["model"] == "cpu")]
-    assert row["fid"].item() == 28.0 and row["n_seeds"].item() == 1
+    assert row["fid_mean"].item() == 28.0 and row["n_seeds"].item() == 1
     only_b = leaderboard(recs, group_filter={"num_samples": 500})
     assert set(only_b["num_samples"]) == {500} and len(only_b) == 2
     only_2d = leaderboard(recs, group_filter="gmm8")
@@ -219,9 +246,10 @@ def test_markdown_and_csv(tmp_path):
     assert "n=500" in md and "inception-v3-compat" in md
     rows = [[c.strip() for c in ln.strip("|").split(" | ")] for ln in md.splitlines() if ln.startswith("| ")]
     ddpm = [r for r in rows if "ddpm uniform" in r]
-    assert len(ddpm) == 1 and ddpm[0][:6] == ["1", "toy", "ddpm uniform", "100", "100", "11.00"]
+    assert len(ddpm) == 1 and ddpm[0][:6] == ["1 seed", "toy", "ddpm uniform", "100", "100", "11.00"]
     seeds = [r for r in rows if r[2:4] == ["ddim(eta=0.0) uniform", "20"]]
-    assert len(seeds) == 1 and seeds[0][5:8] == ["21.00", "1.41", "2"]   # fid, its std, seeds
+    half = 12.706205 * np.std([20.0, 22.0], ddof=1) / np.sqrt(2)
+    assert len(seeds) == 1 and seeds[0][0] == "1" and seeds[0][5:7] == [f"21.00 ± {half:.2f}", "2"]
     # every table row has the same number of cells as its header
     for block in md.split("###")[1:]:
         rows = [ln for ln in block.splitlines() if ln.startswith("|")]
@@ -232,7 +260,31 @@ def test_markdown_and_csv(tmp_path):
     back = read_csv(path)
     pd.testing.assert_frame_equal(back, lb, check_dtype=False)
     raw = pd.read_csv(path)
-    assert list(raw["fid"]) == list(lb["fid"])
+    assert {"fid_mean", "fid_sem", "fid_ci_lo", "fid_ci_hi", "n_seeds", "rank", "tied"} <= set(raw.columns)
+    assert list(raw["fid_mean"]) == list(lb["fid_mean"])
+
+
+def test_nfe_view_matches_budgets_and_ties():
+    """FID at matched NFE: a sampler at 9 NFE (Heun) stands in for 10 (within one NFE), ranks are within one
+    model and one budget, and a model with one sampler per budget is left out."""
+    from bench_core.report.leaderboard import nfe_view, nfe_view_markdown
+
+    recs = []
+    for smp, steps, nfe, fids in (("ddim", 10, 10, (8.0, 9.0, 10.0)), ("heun", 5, 9, (8.5, 9.5, 10.5)),
+                                  ("euler", 10, 10, (20.0, 21.0, 22.0)), ("ddim", 20, 20, (5.0, 5.5, 6.0))):
+        recs += [rec(sampler=smp, sampler_opts={}, steps=steps, nfe=nfe, seed=i, fid=f) for i, f in enumerate(fids)]
+    recs.append(rec(model="other", model_hash="hashO", sampler="ddim", sampler_opts={}, steps=10, nfe=10, fid=3.0))
+    v = nfe_view(recs, (5, 10, 20))
+    assert set(v["model"]) == {"cpu"}
+    ten = v[v["target_nfe"] == 10].set_index("sampler")
+    assert set(ten.index) == {"ddim uniform", "heun uniform", "euler uniform"}
+    assert ten.loc["heun uniform", "nfe"] == 9
+    assert (ten.loc["ddim uniform", "rank"], bool(ten.loc["ddim uniform", "tied"])) == (1, True)
+    assert (ten.loc["heun uniform", "rank"], bool(ten.loc["heun uniform", "tied"])) == (1, True)
+    assert (ten.loc["euler uniform", "rank"], bool(ten.loc["euler uniform", "tied"])) == (3, False)
+    assert list(v.loc[v["target_nfe"] == 20, "sampler"]) == ["ddim uniform"]
+    md = nfe_view_markdown(v)
+    assert "| NFE 10" in md and "@9" in md and "(=1)" in md and "(3)" in md
 
 
 def test_formatting_helpers():
@@ -293,20 +345,29 @@ def test_sample_grid_tiles_preview():
 # --------------------------------------------------------------------------------------------
 # scorecard
 # --------------------------------------------------------------------------------------------
-def test_scorecard(fake_registry):
+def test_scorecard(fake_registry, tmp_path):
+    from bench_core.report.scorecard import to_csv as sc_to_csv
+
     sc = scorecard(synthetic_records())
-    assert list(sc.columns) == ["reproduction", "claim_id", "claim", "reported", "ours", "status"]
-    by_id = sc.set_index("claim_id")
+    assert list(sc.columns) == ["reproduction", "id", "kind", "claim", "status", "why", "ours", "reported"]
+    by_id = sc.set_index("id")
     assert by_id.loc["best", "status"] == "pass" and by_id.loc["best", "ours"] == "best FID 0.50"
-    assert by_id.loc["impossible", "status"] == "fail"
-    assert by_id.loc["broken", "status"] == "error" and "check exploded" in by_id.loc["broken", "ours"]
-    assert by_id.loc["later", "status"] == "not run"
+    assert by_id.loc["best", "why"] == ""
+    assert by_id.loc["impossible", "status"] == "fail" and by_id.loc["impossible", "why"]
+    assert by_id.loc["broken", "status"] == "error" and "check exploded" in by_id.loc["broken", "why"]
+    assert by_id.loc["later", "status"] == "not run" and by_id.loc["later", "why"] == "paper config only"
+    assert by_id.loc["noisy", "status"] == "inconclusive" and by_id.loc["noisy", "kind"] == "sanity"
     assert by_id.loc["(claims)", "status"] == "error"
     md = scorecard_markdown(sc)
-    assert "1 pass" in md and "1 fail" in md and "1 not run" in md and "2 error" in md
+    # the headline counts each kind apart
+    assert "**paper claims**: 1 pass, 1 fail, 0 inconclusive, 1 not run, 1 error" in md
+    assert "**sanity claims**: 0 pass, 0 fail, 1 inconclusive, 0 not run, 1 error" in md
     assert "| toy" in md and "FID 3.17 (≈)" in md
+    csv = pd.read_csv(sc_to_csv(sc, tmp_path / "scorecard.csv"), keep_default_na=False)
+    assert list(csv.columns) == ["reproduction", "id", "kind", "status", "why", "ours", "reported"]
+    assert len(csv) == len(sc)
     # no records: the check reports "not run", nothing crashes
-    empty = scorecard([]).set_index("claim_id")
+    empty = scorecard([]).set_index("id")
     assert empty.loc["best", "status"] == "not run"
 
 
@@ -371,7 +432,7 @@ def test_update_readme(tmp_path, records_dir, fake_registry):
     assert "old leaderboard" not in text and "stale" not in text and "Extractor: " in text
     assert text.startswith("# diffbench\n\nIntro text.\n\n## Leaderboard\n")
     assert text.endswith("\n\nTail text.\n")
-    assert "ddpm uniform" in text and "| toy" in text
+    assert "FID at matched NFE" in text and "**paper claims**: 1 pass, 1 fail" in text and "scorecard.csv" in text
     assert "held-out accuracy 99.12% on 1797 test images" in text and "f" * 64 in text
     # idempotent
     assert update_readme(p, records_dir, extractor_json=meta)

@@ -496,28 +496,145 @@ def test_cuda_graph_sampler_replays_the_whole_loop(no_tf32):
             CUDAGraphSampler(get_sampler("heun").fn, den, sig)(x)
 
 
-def test_trained_claim_prefers_the_reference_timed_beside_it():
-    """speed-trained-same-fid compares a fast record with the fp32 record of the same model, sampler and steps,
-    taking the speed reproduction's own fp32 run (timed beside it) over ddpm/ddim's; FID within max(1, 15 %)
-    and a shorter time per batch pass, anything else fails."""
+# --- claims on synthetic records ---------------------------------------------------------------------------
+def _df(recs):
+    from bench_core.report.leaderboard import records_df
+
+    return records_df(recs)
+
+
+def _abl(set_name, times_ms, *, network="sd15_shaped", batch=1, dev="gpu0", device="cuda", peak=None, err=0.0,
+         tol=1e-4, kind="ablation", **extra):
+    """One speed_ablation.py-style record: per-call timings (ms) in metrics.sec_per_call_all."""
+    from dataclasses import asdict
+    from statistics import median
+
+    from bench_core.records import Record
+
+    m = {"kind": kind, "network": network, "option_set": set_name, "sec_per_call": median(times_ms) / 1e3,
+         "sec_per_call_all": [t / 1e3 for t in times_ms], "rel_err": err, "tolerance": tol,
+         "equal_within_tol": err <= tol, **extra}
+    return asdict(Record(suite="speed-ablation", entry=f"{network}/b{batch}/{set_name}", reproduction="speed",
+                         model=network, model_hash="h", dataset="random-inputs", sampler="euler", steps=20, nfe=20.0,
+                         num_samples=batch, batch_size=batch, seed=0, device=device, device_name=dev,
+                         peak_mem_mb=peak, timing_repeats=len(times_ms), metrics=m, status="ok",
+                         timestamp="2026-01-01T00:00:00+0000"))
+
+
+def _speed_claim(cid):
+    import reproductions
+
+    return next(c for c in reproductions.get("speed").claims() if c.id == cid)
+
+
+BASE = [10.0, 10.2, 9.9, 10.1, 10.0]            # ms per call, sd 0.11
+FASTER = [8.0, 8.1, 7.9, 8.2, 8.0]              # 2 ms faster: Welch bounds far above 0 -> pass
+SAME = [10.4, 9.6, 10.3, 9.7, 10.1]             # mean 10.02: inside the noise -> inconclusive
+SLOWER = [12.0, 12.2, 11.9, 12.1, 12.0]         # 2 ms slower -> fail
+
+
+@pytest.mark.parametrize("times,expected", [(FASTER, "pass"), (SAME, "inconclusive"), (SLOWER, "fail")])
+def test_option_gains_per_paper_option(times, expected):
+    check = _speed_claim("speed-option-gains").check
+    recs = [_abl("baseline", BASE), _abl("attn_sdpa", times), _abl("attn_chunked", FASTER),
+            _abl("bf16", SLOWER)]  # bf16 is beyond the paper: shown, never decides
+    res = check(_df(recs))
+    assert res.status == expected, res
+    assert "bf16" in res.ours and "beyond the paper" in res.ours and "sd15_shaped b1" in res.ours
+    assert (res.why == "") == (expected == "pass")
+
+
+def test_option_gains_fall_back_from_a_single_sd_timing_to_cifar10_and_say_when_not_run():
+    check = _speed_claim("speed-option-gains").check
+    assert check(_df([])).status == "not run"
+    assert "speed_ablation.py" in check(_df([])).why
+    # the SD-shaped baseline has one timed call (CPU plan): decided on the CIFAR-10 U-Net at its smallest batch
+    recs = [_abl("baseline", [100.0], dev="cpu0", device="cpu"), _abl("attn_sdpa", [50.0], dev="cpu0", device="cpu"),
+            *(_abl(s, t, network="ddpm_cifar10", batch=2, dev="cpu0", device="cpu")
+              for s, t in (("baseline", BASE), ("attn_sdpa", SLOWER))),
+            *(_abl(s, t, network="ddpm_cifar10", batch=16, dev="cpu0", device="cpu")
+              for s, t in (("baseline", BASE), ("attn_sdpa", FASTER)))]
+    res = check(_df(recs))
+    assert res.status == "fail" and "ddpm_cifar10 b2" in res.ours
+
+
+@pytest.mark.parametrize("times,expected", [(FASTER, "pass"), (SAME, "inconclusive"), (SLOWER, "fail")])
+def test_all_faster(times, expected):
+    check = _speed_claim("speed-all-faster").check
+    recs = [_abl("baseline", BASE, network="ddpm_cifar10"), _abl("all", times, network="ddpm_cifar10"),
+            _abl("baseline", [100.0], dev="cpu0", device="cpu"), _abl("all", [500.0], dev="cpu0", device="cpu")]
+    res = check(_df(recs))
+    assert res.status == expected, res
+    assert "one timed call, not decided" in res.ours  # the single-call CPU pair is shown, not decided
+
+
+def test_options_equal_and_attention_memory():
+    eq = _speed_claim("speed-options-equal").check
+    assert eq(_df([_abl("baseline", BASE), _abl("bf16", BASE, err=0.01, tol=0.05)])).status == "pass"
+    res = eq(_df([_abl("baseline", BASE), _abl("bf16", BASE, err=0.06, tol=0.05)]))
+    assert res.status == "fail" and res.why
+    mem = _speed_claim("speed-attention-memory").check
+    # naive attention at 64x64 with 8 heads holds 8 * 4096^2 * 4 B = 512 MiB: the saving must exceed 256 MiB
+    ok = [_abl("baseline", BASE, peak=1100.0), _abl("attn_chunked", BASE, peak=400.0), _abl("attn_sdpa", BASE, peak=150.0)]
+    assert mem(_df(ok)).status == "pass"
+    short = [_abl("baseline", BASE, peak=1100.0), _abl("attn_chunked", BASE, peak=900.0), _abl("attn_sdpa", BASE, peak=150.0)]
+    res = mem(_df(short))
+    assert res.status == "fail" and "attn_chunked" in res.why and "required > 256 MB" in res.ours
+    assert mem(_df([])).status == "not run"
+
+
+def test_gpu_targets_are_targets_and_not_run_without_a_gpu():
+    over, diff = _speed_claim("speed-gpu-loop-overhead"), _speed_claim("speed-gpu-vs-diffusers")
+    assert over.kind == diff.kind == "target"
+    cpu_only = _df([_abl("baseline", BASE, dev="cpu0", device="cpu")])
+    for c in (over, diff):
+        res = c.check(cpu_only)
+        assert res.status == "not run" and "no GPU in this run" in res.why
+    # loop overhead: 20-step runs against 1.02 x the bare calls' time, per CUDA-graph variant
+    bare = [10.0, 10.1, 9.9, 10.0, 10.05]
+
+    def ovh(sample):
+        return _df([_abl("cuda_graph", [1.0], network="digits_small", batch=512, kind="overhead",
+                         sec_bare_all=[t / 1e3 for t in bare], sec_sample_all=[t / 1e3 for t in sample],
+                         overhead_ratio=sum(sample) / sum(bare))])
+
+    assert over.check(ovh([10.0, 10.05, 9.95, 10.0, 10.1])).status == "pass"       # ratio 1.00
+    assert over.check(ovh([10.2, 10.0, 10.4, 10.1, 10.3])).status == "inconclusive"  # ratio 1.02 +- noise
+    assert over.check(ovh([11.0, 11.1, 10.9, 11.0, 11.05])).status == "fail"       # ratio 1.10
+    # ours vs diffusers + compile
+    for times, expected in ((FASTER, "pass"), (SAME, "inconclusive"), (SLOWER, "fail")):
+        recs = [_abl("diffusers_compile", BASE, network="ddpm_cifar10", batch=128, kind="diffusers"),
+                _abl("ours_all", times, network="ddpm_cifar10", batch=128, kind="diffusers")]
+        assert diff.check(_df(recs)).status == expected
+
+
+def _trained(reproduction, dtype, fids, secs, steps=20):
     from dataclasses import asdict
 
     from bench_core.records import Record
-    from bench_core.report.leaderboard import records_df
-    from reproductions.speed import _check_trained
 
-    def rec(reproduction, dtype, fid, sec):
-        return asdict(Record(suite="t", entry="e", reproduction=reproduction, model="m", model_hash="H", dataset="digits",
-                             sampler="ddim", sampler_opts={"eta": 0.0}, grid={"kind": "uniform"}, steps=20, nfe=20.0,
-                             num_samples=500, batch_size=500, seed=0, fid=fid, sec_per_batch=sec, dtype=dtype,
-                             device="cpu", device_name="cpu", status="ok"))
+    return [asdict(Record(suite="t", entry="e", reproduction=reproduction, model="m", model_hash="H", dataset="digits",
+                          sampler="ddim", sampler_opts={"eta": 0.0}, grid={"kind": "uniform"}, steps=steps, nfe=20.0,
+                          num_samples=500, batch_size=500, seed=seed, fid=f, sec_per_batch=t, dtype=dtype,
+                          device="cpu", device_name="cpu", status="ok"))
+            for seed, (f, t) in enumerate(zip(fids, secs))]
 
-    fast = rec("speed", "bfloat16", 8.4, 0.70)
-    # ddim's fp32 run alone was slower: pass against it
-    assert _check_trained(records_df([rec("ddim", "float32", 8.5, 0.90), fast])).status == "pass"
-    # the speed reproduction's fp32 run, faster than the bf16 one, is the one compared: fail
-    res = _check_trained(records_df([rec("ddim", "float32", 8.5, 0.90), rec("speed", "float32", 8.5, 0.60), fast]))
-    assert res.status == "fail" and "0.60 s per batch" in res.ours
-    # FID off by more than max(1, 15 %): fail
-    assert _check_trained(records_df([rec("speed", "float32", 5.0, 0.90), fast])).status == "fail"
-    assert _check_trained(records_df([rec("ddim", "float32", 8.5, 0.90)])).status == "not run"
+
+def test_trained_same_fid_is_an_equivalence_test():
+    """Paired by seed, TOST at ±0.7 FID.  By hand (t(0.95, 2) = 2.920): bf16 - fp32 = [-0.05, 0.05, 0.0] -> 90%
+    interval [-0.15, 0.15] inside ±0.7: pass; [0.8, -0.9, 0.3] -> sem 0.50, interval wider than ±0.7: inconclusive;
+    [1.5, 1.6, 1.4] -> [1.2, 1.8], outside: fail.  Latency is shown, never deciding."""
+    check = _speed_claim("speed-trained-same-fid").check
+    ref = [8.0, 8.6, 7.5]
+    slow = [1.0, 1.0, 1.0]
+    for d, expected in (([-0.05, 0.05, 0.0], "pass"), ([0.8, -0.9, 0.3], "inconclusive"), ([1.5, 1.6, 1.4], "fail")):
+        fast = [r + x for r, x in zip(ref, d)]
+        res = check(_df(_trained("speed", "float32", ref, [0.5] * 3) + _trained("speed", "bfloat16", fast, slow)))
+        assert res.status == expected, res
+        assert "latency (not deciding)" in res.ours
+    # the speed reproduction's own fp32 runs are preferred over ddim's
+    res = check(_df(_trained("ddim", "float32", [20.0] * 3, [9.0] * 3) + _trained("speed", "float32", ref, [0.9] * 3)
+                    + _trained("speed", "bfloat16", ref, [0.6] * 3)))
+    assert res.status == "pass" and "0.90" in res.ours
+    res = check(_df(_trained("ddim", "float32", ref, [0.9] * 3)))
+    assert res.status == "not run" and res.why

@@ -146,7 +146,9 @@ def test_time_embedding_distinguishes_t_and_accepts_fractions():
 
 
 def test_class_conditioning_and_null_label():
-    cfg = CONFIGS["class_cond"]
+    # with one channel per group, GroupNorm removes an added per-channel embedding entirely (the label would
+    # move the output only by rounding): two channels per group keep the conditioning path visible
+    cfg = CONFIGS["class_cond"].replace(norm_groups=max(1, TINY.ch // 2))
     model = build(cfg).eval()
     assert model.label_emb.num_embeddings == cfg.num_classes + 1
     x = torch.randn(1, 1, 8, 8).expand(2, -1, -1, -1)
@@ -155,7 +157,7 @@ def test_class_conditioning_and_null_label():
         out = model(x, t, torch.tensor([0, 1]))
         null = model(x, t, torch.tensor([cfg.num_classes] * 2))
         uncond = model(x, t)
-    assert not torch.allclose(out[0], out[1])
+    assert (out[0] - out[1]).abs().max() > 1e-2 * out.abs().max()  # the label changes the output
     torch.testing.assert_close(uncond, null)  # y=None means the null label
     with pytest.raises(ValueError):
         build(TINY)(x, t, torch.tensor([0, 1]))

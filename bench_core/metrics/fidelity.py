@@ -155,6 +155,31 @@ def reference_features(reference_u8: torch.Tensor, *, extractor: Extractor, refe
 # The metrics
 # --------------------------------------------------------------------------------------------
 
+FLOOR_SUBSETS = 20
+
+
+def real_data_floor(reference_u8: torch.Tensor, n: int, *, extractor: Extractor, reference_name: str,
+                    cache_dir: str | os.PathLike | None = None, subsets: int = FLOOR_SUBSETS, seed: int = 0) -> dict:
+    """The FID that real data itself scores at sample size ``n``: the FID of ``subsets`` random subsets of ``n``
+    reference images (drawn without replacement, one ``randperm`` each from ``seed``) against the whole
+    reference, summarised over the subsets.  A single subset is one draw (it moves by about one standard
+    deviation); claims compare against the mean and its spread.
+
+    Returns ``mean, sd, n_subsets, n, values`` (the per-subset FIDs)."""
+    n_r = int(reference_u8.shape[0])
+    if not 2 <= n <= n_r:
+        raise ValueError(f"the floor needs 2 <= n <= {n_r} reference images, got n={n}")
+    if subsets < 2:
+        raise ValueError(f"the floor needs at least 2 subsets for a spread, got {subsets}")
+    f_ref = _as_tensor64(reference_features(reference_u8, extractor=extractor, reference_name=reference_name,
+                                            cache_dir=cache_dir))
+    g = torch.Generator().manual_seed(int(seed))
+    values = [fid_from_features(f_ref[torch.randperm(n_r, generator=g)[:n]], f_ref) for _ in range(int(subsets))]
+    mean = float(np.mean(values))
+    return {"mean": mean, "sd": float(np.std(values, ddof=1)), "n_subsets": int(subsets), "n": int(n),
+            "values": [float(v) for v in values]}
+
+
 def image_metrics(samples_u8: torch.Tensor, reference_u8: torch.Tensor, *, extractor: Extractor,
                   reference_name: str, cache_dir: str | os.PathLike | None = None,
                   kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS,

@@ -3,7 +3,9 @@
 FID is ranked **within comparable groups** only: the same model (reproduction, preset and
 ``model_hash``), dataset, FID feature extractor, reference set and sample count.  A FID measured
 with another extractor, reference or number of samples is a different number and never shares a
-ranking.  Several seeds of one sampler configuration are averaged (``n_seeds`` says how many).
+ranking.  Several seeds of one sampler configuration are summarised by their mean, standard error and
+95% interval (``n_seeds`` says how many); configurations whose intervals overlap share a rank, shown as a
+tie (``=3``), and a configuration with one seed has no rank (``bench_core.stats`` states the rule).
 
 This module also holds the small Markdown helpers the rest of ``bench_core.report`` uses
 (no dependency on ``tabulate``).
@@ -20,25 +22,26 @@ from typing import Any, Callable, Iterable, Mapping
 import pandas as pd
 
 from bench_core.records import sampler_label
+from bench_core.stats import rank_label, rank_with_ties, summarize
 
-# What makes two FIDs comparable: the same trained model (its config hash), data, extractor, reference
-# and sample count.  Samplers from different papers on one model rank together (that is the point of
-# the leaderboard); the reproduction joins the key only when a record has no model hash, so such
-# records are never pooled across models.
-GROUP_FIELDS = ("reproduction", "model", "model_hash", "dataset", "fid_extractor", "fid_reference", "num_samples")
-
+# every figure is a mean over sampling seeds with its standard error and 95% Student-t interval
+INTERVAL_METRICS = ("fid", "kid", "precision", "recall")
+_STATS = ("mean", "sem", "ci_lo", "ci_hi")
 COLUMNS = [
-    "group", "rank", "reproduction", "model", "sampler", "steps", "nfe", "fid", "fid_std", "n_seeds",
-    "kid", "precision", "recall", "sec_per_batch", "samples_per_sec", "peak_mem_mb", "device_name",
+    "group", "rank", "tied", "reproduction", "model", "sampler", "steps", "nfe",
+    *[f"{m}_{st}" for m in INTERVAL_METRICS for st in _STATS], "n_seeds",
+    "sec_per_batch", "samples_per_sec", "peak_mem_mb", "device_name",
     # group details (used for headings and filtering)
     "model_hash", "dataset", "fid_extractor", "fid_reference", "num_samples", "device", "dtype",
 ]
-FLOAT_COLUMNS = ("nfe", "fid", "fid_std", "kid", "precision", "recall", "sec_per_batch", "samples_per_sec",
-                 "peak_mem_mb")
-INT_COLUMNS = ("rank", "steps", "n_seeds", "num_samples")
-STR_COLUMNS = tuple(c for c in COLUMNS if c not in FLOAT_COLUMNS + INT_COLUMNS)
+FLOAT_COLUMNS = ("nfe", *[f"{m}_{st}" for m in INTERVAL_METRICS for st in _STATS],
+                 "sec_per_batch", "samples_per_sec", "peak_mem_mb")
+INT_COLUMNS = ("steps", "n_seeds", "num_samples")
+NULLABLE_INT_COLUMNS = ("rank",)  # no rank for a configuration with one seed (no interval)
+BOOL_COLUMNS = ("tied",)
+STR_COLUMNS = tuple(c for c in COLUMNS if c not in FLOAT_COLUMNS + INT_COLUMNS + NULLABLE_INT_COLUMNS + BOOL_COLUMNS)
 
-_MEAN_FIELDS = ("nfe", "fid", "kid", "precision", "recall", "sec_per_batch", "samples_per_sec", "peak_mem_mb")
+_MEAN_FIELDS = ("nfe", "sec_per_batch", "samples_per_sec", "peak_mem_mb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,19 +138,19 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
                str(r.get("device") or ""), str(r.get("dtype") or "float32"))
         configs.setdefault(key, {}).setdefault(cfg, {})[int(r.get("seed") or 0)] = r
 
-    # 2. one row per configuration, seeds averaged
+    # 2. one row per configuration: mean, standard error and 95% interval over seeds
     rows = []
     # a group's model name, with its variant label (one per group: the label is part of the model's hash)
     names = {key: _model_name(key[1], [r for by_seed in by_cfg.values() for r in by_seed.values()])
              for key, by_cfg in configs.items()}
     for key in sorted(configs, key=lambda k: _group_order(k, names[k])):
         rep, model, mhash, dataset, extractor, reference, n = key
-        group_rows = []
+        group_rows, fid_summaries = [], []
         for cfg, by_seed in configs[key].items():
             label, steps, device_name, device, dtype = cfg
             recs = [by_seed[s] for s in sorted(by_seed)]
             row = {
-                "group": group_label(key), "rank": 0,
+                "group": group_label(key), "rank": None, "tied": False,
                 "reproduction": ", ".join(sorted({str(x.get("reproduction") or "") for x in recs} - {""})) or rep,
                 "model": names[key], "sampler": label,
                 "steps": steps, "n_seeds": len(recs), "device_name": device_name or device,
@@ -157,19 +160,20 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
             for f in _MEAN_FIELDS:
                 vals = [v for v in (finite(x.get(f)) for x in recs) if v is not None]
                 row[f] = sum(vals) / len(vals) if vals else math.nan
-            fids = [finite(x.get("fid")) for x in recs]
-            row["fid_std"] = (math.sqrt(sum((v - row["fid"]) ** 2 for v in fids) / (len(fids) - 1))
-                              if len(fids) > 1 else math.nan)
+            for m in INTERVAL_METRICS:
+                st = summarize(finite(x.get(m)) for x in recs)
+                row.update({f"{m}_mean": st.mean, f"{m}_sem": st.sem, f"{m}_ci_lo": st.lo, f"{m}_ci_hi": st.hi})
+                if m == "fid":
+                    row["_fid"] = st
             if nfe_max is not None and not (math.isfinite(row["nfe"]) and row["nfe"] <= nfe_max):
                 continue
             group_rows.append(row)
-        # 3. rank by FID inside the group (ties share the better rank)
-        group_rows.sort(key=lambda x: (x["fid"], x["nfe"] if math.isfinite(x["nfe"]) else math.inf,
+        # 3. rank by FID inside the group: 1 + the configurations whose whole interval is better; overlapping
+        #    intervals share a rank (tied); one seed: no interval, no rank (bench_core.stats)
+        group_rows.sort(key=lambda x: (x["fid_mean"], x["nfe"] if math.isfinite(x["nfe"]) else math.inf,
                                        x["sampler"], x["steps"], x["device_name"]))
-        prev_fid, prev_rank = None, 0
-        for i, row in enumerate(group_rows, start=1):
-            row["rank"] = prev_rank if row["fid"] == prev_fid else i
-            prev_fid, prev_rank = row["fid"], row["rank"]
+        for row, (rank, tied) in zip(group_rows, rank_with_ties([r.pop("_fid") for r in group_rows])):
+            row["rank"], row["tied"] = rank, tied
         rows.extend(group_rows)
     return _typed(pd.DataFrame(rows, columns=COLUMNS))
 
@@ -196,6 +200,10 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         df[c] = df[c].astype("float64")
     for c in INT_COLUMNS:
         df[c] = df[c].astype("int64")
+    for c in NULLABLE_INT_COLUMNS:
+        df[c] = pd.array([None if finite(v) is None else int(float(v)) for v in df[c]], dtype="Int64")
+    for c in BOOL_COLUMNS:
+        df[c] = df[c].map(lambda v: str(v).lower() in ("true", "1")).astype(bool)
     for c in STR_COLUMNS:
         df[c] = df[c].fillna("").astype(object)
     return df.reset_index(drop=True)
@@ -213,7 +221,7 @@ def read_csv(path: str | os.PathLike) -> pd.DataFrame:
     """Read a leaderboard CSV written by ``to_csv`` back into the same frame."""
     head = pd.read_csv(path, nrows=0).columns
     df = pd.read_csv(path, keep_default_na=False,
-                     na_values={c: ["", "nan", "NaN"] for c in head if c in FLOAT_COLUMNS},
+                     na_values={c: ["", "nan", "NaN"] for c in head if c in FLOAT_COLUMNS + NULLABLE_INT_COLUMNS},
                      dtype={c: str for c in head if c in STR_COLUMNS})
     return _typed(df.reindex(columns=COLUMNS)) if set(COLUMNS) <= set(df.columns) else df
 
@@ -312,24 +320,44 @@ def markdown_table(df: pd.DataFrame, formatters: Mapping[str, Callable[[Any], st
     return "\n".join([line(names), line(seps)] + [line(b, True) for b in body])
 
 
+def fmt_interval(mean: Any, lo: Any, hi: Any, decimals: int = 2) -> str:
+    """``8.02 ± 0.99`` (mean and the half-width of its 95% interval), or the bare mean without an interval."""
+    m = finite(mean)
+    if m is None:
+        return MISSING
+    l, h = finite(lo), finite(hi)
+    return f"{m:.{decimals}f}" if l is None or h is None else f"{m:.{decimals}f} ± {(h - l) / 2:.{decimals}f}"
+
+
+def _metric(name: str, decimals: int):
+    return lambda r: fmt_interval(r[f"{name}_mean"], r[f"{name}_ci_lo"], r[f"{name}_ci_hi"], decimals)
+
+
+def _kid(r) -> str:  # KID is ~1e-3: shown x 1000
+    return fmt_interval(*(r[f"kid_{s}"] * 1000 if finite(r[f"kid_{s}"]) is not None else None
+                          for s in ("mean", "ci_lo", "ci_hi")), 2)
+
+
 LEADERBOARD_DISPLAY = {
-    # column -> (header, formatter)
-    "rank": ("rank", lambda v: str(int(v))),
-    "reproduction": ("paper", str),
-    "sampler": ("sampler", str),
-    "steps": ("steps", lambda v: str(int(v))),
-    "nfe": ("NFE", fmt_nfe),
-    "fid": ("FID", lambda v: fmt_fixed(v, 2)),
-    "fid_std": ("FID std", lambda v: fmt_fixed(v, 2)),
-    "n_seeds": ("seeds", lambda v: str(int(v))),
-    "kid": ("KID", lambda v: fmt_sig(v, 3)),
-    "precision": ("precision", lambda v: fmt_fixed(v, 3)),
-    "recall": ("recall", lambda v: fmt_fixed(v, 3)),
-    "sec_per_batch": ("s / batch", lambda v: fmt_sig(v, 3)),
-    "samples_per_sec": ("samples / s", lambda v: fmt_sig(v, 3)),
-    "peak_mem_mb": ("peak MB", lambda v: fmt_sig(v, 3)),
-    "device_name": ("device", str),
+    # display column -> (header, fn(row) -> text, source column that must hold a value)
+    "rank": ("rank", lambda r: rank_label(None if pd.isna(r["rank"]) else int(r["rank"]), bool(r["tied"]),
+                                         int(r["n_seeds"])), "fid_mean"),
+    "reproduction": ("paper", lambda r: str(r["reproduction"]), "reproduction"),
+    "sampler": ("sampler", lambda r: str(r["sampler"]), "sampler"),
+    "steps": ("steps", lambda r: str(int(r["steps"])), "steps"),
+    "nfe": ("NFE", lambda r: fmt_nfe(r["nfe"]), "nfe"),
+    "fid": ("FID (95% CI)", _metric("fid", 2), "fid_mean"),
+    "n_seeds": ("seeds", lambda r: str(int(r["n_seeds"])), "n_seeds"),
+    "kid": ("KID x1000", _kid, "kid_mean"),
+    "precision": ("precision", _metric("precision", 3), "precision_mean"),
+    "recall": ("recall", _metric("recall", 3), "recall_mean"),
+    "sec_per_batch": ("s / batch", lambda r: fmt_sig(r["sec_per_batch"], 3), "sec_per_batch"),
+    "samples_per_sec": ("samples / s", lambda r: fmt_sig(r["samples_per_sec"], 3), "samples_per_sec"),
+    "peak_mem_mb": ("peak MB", lambda r: fmt_sig(r["peak_mem_mb"], 3), "peak_mem_mb"),
+    "device_name": ("device", lambda r: str(r["device_name"]), "device_name"),
 }
+RANK_RULE = ("Ranks: 1 + the configurations whose whole 95% interval of FID is lower; overlapping intervals share "
+             "a rank (`=k`); one seed: no interval, no rank.")
 
 
 def _group_heading(g: pd.DataFrame) -> tuple[str, str]:
@@ -347,6 +375,19 @@ def _group_heading(g: pd.DataFrame) -> tuple[str, str]:
     return title, "; ".join(details)
 
 
+def display_table(g: pd.DataFrame, columns=None) -> str:
+    """A Markdown table of leaderboard rows (one group or any selection), intervals as ``mean ± half-width``;
+    columns that say nothing here are dropped."""
+    cols = [c for c in (columns or LEADERBOARD_DISPLAY) if LEADERBOARD_DISPLAY[c][2] in g.columns]
+    cols = [c for c in cols if not (LEADERBOARD_DISPLAY[c][2] in FLOAT_COLUMNS and g[LEADERBOARD_DISPLAY[c][2]].isna().all())]
+    if columns is None and "device_name" in cols and g["device_name"].nunique() <= 1:
+        cols.remove("device_name")  # already in the heading
+    table = pd.DataFrame({LEADERBOARD_DISPLAY[c][0]: [LEADERBOARD_DISPLAY[c][1](r) for _, r in g.iterrows()]
+                          for c in cols})
+    return markdown_table(table, align={LEADERBOARD_DISPLAY[c][0]: ("l" if c in ("sampler", "device_name", "reproduction")
+                                                                    else "r") for c in cols})
+
+
 def to_markdown(df: pd.DataFrame, *, heading_level: int = 3) -> str:
     """One Markdown table per comparable group, each under a heading naming the group."""
     if df is None or len(df) == 0:
@@ -361,20 +402,7 @@ def to_markdown(df: pd.DataFrame, *, heading_level: int = 3) -> str:
         if details:
             out.append(details)
             out.append("")
-        cols = [c for c in LEADERBOARD_DISPLAY if c in g.columns]
-        # drop columns that say nothing for this group
-        cols = [c for c in cols if not (c in FLOAT_COLUMNS and g[c].isna().all())]
-        if "n_seeds" in cols and (g["n_seeds"] <= 1).all():
-            cols.remove("n_seeds")
-        if "device_name" in cols and g["device_name"].nunique() <= 1:
-            cols.remove("device_name")  # already in the heading
-        table = g[cols].reset_index(drop=True)
-        out.append(markdown_table(
-            table,
-            formatters={c: LEADERBOARD_DISPLAY[c][1] for c in cols},
-            headers={c: LEADERBOARD_DISPLAY[c][0] for c in cols},
-            align={"sampler": "l", "device_name": "l"},
-        ))
+        out.append(display_table(g))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
 
@@ -417,3 +445,79 @@ def load_registry() -> tuple[dict, list[tuple[str, str]]]:
                     errors.append((f"reproductions.{m}", f"{type(e).__name__}: {e}"))
     reps = reproductions.REPRODUCTIONS
     return {name: reps[name] for name in sorted(reps)}, errors
+
+
+# --------------------------------------------------------------------------------------------
+# Few-step view: FID at matched NFE
+# --------------------------------------------------------------------------------------------
+NFE_VIEW_COLUMNS = ["group", "model", "target_nfe", "sampler", "steps", "nfe", "fid_mean", "fid_sem", "fid_ci_lo",
+                    "fid_ci_hi", "n_seeds", "rank", "tied"]
+
+
+def nfe_view(records: list[dict], nfes=(5, 10, 20), *, tolerance: float = 1.0, min_samplers: int = 2,
+             group_filter=None) -> pd.DataFrame:
+    """FID at matched NFE: for each comparable group (model) and each target NFE, every sampler configuration
+    whose mean NFE is within ``tolerance`` of the target (a Heun step costs 2 NFE, so 10 exactly is not always
+    reachable; the actual NFE is shown), ranked with ties among themselves by the leaderboard's rule.  Groups
+    with fewer than ``min_samplers`` samplers at every target are left out (nothing to compare)."""
+    lb = leaderboard(records, group_filter=group_filter)
+    rows = []
+    for group in dict.fromkeys(lb["group"]):
+        g = lb[lb["group"] == group]
+        per_target = []
+        for t in nfes:
+            sel = g[(g["nfe"] - float(t)).abs() <= tolerance + 1e-9].copy()
+            if len(sel) == 0:
+                continue
+            # one configuration per sampler label: the one closest to the target NFE (then the better FID)
+            sel["_d"] = (sel["nfe"] - float(t)).abs()
+            sel = sel.sort_values(["_d", "fid_mean"]).drop_duplicates("sampler").sort_values("fid_mean")
+            ranks = rank_with_ties([_as_summary(r) for _, r in sel.iterrows()])
+            sel["rank"] = [r for r, _ in ranks]
+            sel["tied"] = [tie for _, tie in ranks]
+            sel["target_nfe"] = int(t)
+            per_target.append(sel)
+        if not per_target or max(len(p) for p in per_target) < min_samplers:
+            continue
+        rows.extend(p[NFE_VIEW_COLUMNS].to_dict("records") for p in per_target)
+    flat = [r for block in rows for r in block]
+    df = pd.DataFrame(flat, columns=NFE_VIEW_COLUMNS)
+    df["rank"] = pd.array([None if v is None or pd.isna(v) else int(v) for v in df["rank"]], dtype="Int64")
+    return df.reset_index(drop=True)
+
+
+def _as_summary(r):
+    from bench_core.stats import Summary
+
+    return Summary(int(r["n_seeds"]), float(r["fid_mean"]), math.nan, float(r["fid_sem"]),
+                   float(r["fid_ci_lo"]), float(r["fid_ci_hi"]))
+
+
+def nfe_view_markdown(view: pd.DataFrame, *, heading_level: int = 3) -> str:
+    """One table per model: samplers as rows, target NFEs as columns, ``FID ± half-width (rank)`` per cell."""
+    if view is None or len(view) == 0:
+        return "_No samplers at matched NFE in these records._\n"
+    hashes = "#" * max(1, heading_level)
+    out = []
+    for group in dict.fromkeys(view["group"]):
+        g = view[view["group"] == group]
+        targets = sorted(set(int(t) for t in g["target_nfe"]))
+        samplers = list(dict.fromkeys(g.sort_values(["target_nfe", "fid_mean"])["sampler"]))
+        table = {"sampler": samplers}
+        for t in targets:
+            cells = []
+            for smp in samplers:
+                r = g[(g["target_nfe"] == t) & (g["sampler"] == smp)]
+                if len(r) == 0:
+                    cells.append(MISSING)
+                    continue
+                r = r.iloc[0]
+                txt = fmt_interval(r["fid_mean"], r["fid_ci_lo"], r["fid_ci_hi"], 2)
+                if abs(float(r["nfe"]) - t) > 1e-9:
+                    txt += f" @{fmt_nfe(r['nfe'])}"
+                rank = None if pd.isna(r["rank"]) else int(r["rank"])
+                cells.append(f"{txt} ({rank_label(rank, bool(r['tied']), int(r['n_seeds']))})")
+            table[f"NFE {t}"] = cells
+        out += [f"{hashes} {g.iloc[0]['model']} · {group}", "",
+                markdown_table(pd.DataFrame(table), align={"sampler": "l"}), ""]
+    return "\n".join(out).rstrip() + "\n"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+import pandas as pd
 
 from bench_core.records import decode_preview
 from bench_core.report.leaderboard import (
@@ -101,15 +102,66 @@ def plot_fid_vs_nfe(lb, outdir: Path) -> list[Path]:
         if len(g) < 2:  # one point is no curve: the leaderboard has its number
             continue
         # FID does not depend on the device: pool device rows of one configuration
-        pts = g.groupby(["sampler", "steps"], as_index=False)[["nfe", "fid"]].mean()
+        pts = g.groupby(["sampler", "steps"], as_index=False)[["nfe", "fid_mean", "fid_ci_lo", "fid_ci_hi"]].mean()
         colors = _colors(pts["sampler"])
         fig = _new_figure(6.4, 4.4)
         ax = fig.add_subplot(1, 1, 1)
         for label in sorted(set(pts["sampler"])):
             p = pts[pts["sampler"] == label].sort_values("nfe")
-            ax.plot(p["nfe"], p["fid"], "o-", color=colors[label], label=label, ms=4, lw=1.5)
+            _fid_line(ax, p["nfe"], p, colors[label], label, lw=1.5)
         paths.append(_finish_log_x(fig, ax, "NFE (counted)", group, outdir / f"{PREFIX_NFE}__{_group_slug(g)}.png"))
     return paths
+
+
+def fid_errors(p) -> np.ndarray:
+    """(2, n) error-bar lengths below and above each mean FID from its 95% interval (0 where a point has one
+    seed and so no interval)."""
+    m = p["fid_mean"].to_numpy(float)
+    lo = np.nan_to_num(m - p["fid_ci_lo"].to_numpy(float), nan=0.0)
+    hi = np.nan_to_num(p["fid_ci_hi"].to_numpy(float) - m, nan=0.0)
+    return np.vstack([np.clip(lo, 0, None), np.clip(hi, 0, None)])
+
+
+def _fid_line(ax, x, p, color, label: str, lw: float) -> None:
+    """Mean FID against x with its 95% interval as error bars (where a point has more than one seed)."""
+    yerr = fid_errors(p)
+    ax.errorbar(x, p["fid_mean"], yerr=yerr if yerr.any() else None, fmt="o-", color=color, label=label, ms=4,
+                lw=lw, capsize=2, elinewidth=0.8)
+
+
+def plot_nfe_heatmap(records: list[dict], outdir: Path, nfes=(5, 10, 20)) -> list[Path]:
+    """Samplers x NFE heatmap of mean FID, one panel per model (the few-step view); a cell's text is the mean
+    and the half-width of its 95% interval, ``=`` marks a tie for that NFE's best rank."""
+    from bench_core.report.leaderboard import nfe_view
+
+    view = nfe_view(records, nfes)
+    if len(view) == 0:
+        return []
+    groups = list(dict.fromkeys(view["group"]))
+    samplers = sorted(set(view["sampler"]))
+    fig = _new_figure(3.2 * len(groups) + 1.5, 0.32 * len(samplers) + 1.6, layout="constrained")
+    axes = fig.subplots(1, len(groups), squeeze=False)[0]
+    for ax, group in zip(axes, groups):
+        g = view[view["group"] == group]
+        grid = np.full((len(samplers), len(nfes)), np.nan)
+        for _, r in g.iterrows():
+            grid[samplers.index(r["sampler"]), list(nfes).index(int(r["target_nfe"]))] = r["fid_mean"]
+        finite = grid[np.isfinite(grid)]
+        vmax = np.percentile(finite, 90) if finite.size else 1.0
+        ax.imshow(np.log(np.clip(grid, 1e-3, None)), aspect="auto", cmap="viridis_r",
+                  vmin=np.log(max(finite.min(), 1e-3)) if finite.size else 0, vmax=np.log(max(vmax, 1e-3)))
+        for _, r in g.iterrows():
+            i, j = samplers.index(r["sampler"]), list(nfes).index(int(r["target_nfe"]))
+            half = (r["fid_ci_hi"] - r["fid_ci_lo"]) / 2 if np.isfinite(r["fid_ci_hi"]) else np.nan
+            txt = f"{r['fid_mean']:.1f}" + (f"±{half:.1f}" if np.isfinite(half) else "")
+            if not pd.isna(r["rank"]) and int(r["rank"]) == 1:
+                txt = ("=" if r["tied"] else "") + "1: " + txt
+            ax.text(j, i, txt, ha="center", va="center", fontsize=6, color="white")
+        ax.set_xticks(range(len(nfes)), [str(n) for n in nfes])
+        ax.set_yticks(range(len(samplers)), samplers if ax is axes[0] else [""] * len(samplers), fontsize=7)
+        ax.set_xlabel("NFE")
+        ax.set_title(_wrap(str(g.iloc[0]["model"]) + " · " + group, 40), fontsize=7)
+    return [_save(fig, outdir / "sampler_heatmap_fid_at_nfe.png")]
 
 
 def _finish_log_x(fig, ax, xlabel: str, group: str, path: Path) -> Path:
@@ -138,8 +190,8 @@ def plot_fid_vs_latency(lb, outdir: Path) -> list[Path]:
         ax = fig.add_subplot(1, 1, 1)
         for label in sorted(set(g["series"])):
             p = g[g["series"] == label].sort_values("sec_per_batch")
-            ax.plot(p["sec_per_batch"], p["fid"], "o-", color=colors[label], label=label, ms=4, lw=1.2)
-            for x, y, s in zip(p["sec_per_batch"], p["fid"], p["steps"]):
+            _fid_line(ax, p["sec_per_batch"], p, colors[label], label, lw=1.2)
+            for x, y, s in zip(p["sec_per_batch"], p["fid_mean"], p["steps"]):
                 ax.annotate(str(int(s)), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=6,
                             color=colors[label])
         paths.append(_finish_log_x(fig, ax, "seconds per batch (median)", group,
@@ -264,7 +316,7 @@ def make_plots(records: list[dict], outdir: str | os.PathLike, *,
     lb = leaderboard(records)
     paths: list[Path] = []
     for name, fn, arg in (("fid_vs_nfe", plot_fid_vs_nfe, lb), ("fid_vs_latency", plot_fid_vs_latency, lb),
-                          ("samples", plot_sample_grids, records)):
+                          ("sampler_heatmap", plot_nfe_heatmap, records), ("samples", plot_sample_grids, records)):
         try:
             paths += fn(arg, outdir)
         except Exception as e:  # noqa: BLE001

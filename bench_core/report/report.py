@@ -5,6 +5,7 @@ Both are deterministic: the same records give byte-identical text (no timestamps
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -14,10 +15,12 @@ import pandas as pd
 
 from bench_core.records import load_records, sampler_label
 from bench_core.report.leaderboard import (
-    as_dicts, leaderboard, load_registry, markdown_table, records_df, to_csv, to_markdown,
+    RANK_RULE, as_dicts, finite, leaderboard, load_registry, markdown_table, nfe_view, nfe_view_markdown, records_df,
+    to_csv, to_markdown,
 )
 from bench_core.report.plots import PREFIX_LATENCY, PREFIX_NFE, PREFIX_SAMPLES, make_plots
-from bench_core.report.scorecard import scorecard, scorecard_markdown
+from bench_core.report.scorecard import headline, scorecard, scorecard_markdown
+from bench_core.report.scorecard import to_csv as scorecard_to_csv
 
 EXTRACTOR_JSON = Path(__file__).resolve().parent.parent / "metrics" / "weights" / "digits_cnn.json"
 
@@ -142,6 +145,46 @@ def _plots_markdown(paths: list[Path], outdir: Path) -> str:
     return "\n".join(out).rstrip() + "\n" if out else "_No plots (no ok records with FID or previews)._\n"
 
 
+LEADERBOARD_RULE = (
+    "FID ranks sampler configurations only within a comparable group: the same model, dataset, feature "
+    "extractor, reference set and number of samples.  Each figure is the mean over sampling seeds ± the "
+    "half-width of its 95% Student-t interval.  " + RANK_RULE)
+
+
+def floor_table(records: list[dict]) -> pd.DataFrame:
+    """The real-data floor per (dataset, extractor, n): the FID of n real images against the reference, mean
+    and standard deviation over random subsets (as recorded with the runs)."""
+    rows = {}
+    for r in records:
+        m = r.get("metrics") if isinstance(r.get("metrics"), dict) else {}
+        if r.get("status") != "ok" or finite(m.get("fid_real_data")) is None:
+            continue
+        key = (str(r.get("dataset") or ""), str(r.get("fid_extractor") or ""), int(r.get("num_samples") or 0))
+        rows[key] = (float(m["fid_real_data"]), finite(m.get("fid_real_data_sd")), m.get("fid_real_data_subsets"))
+    out = [{"dataset": k[0], "extractor": k[1], "n": k[2], "floor FID (mean)": v[0],
+            "sd over subsets": v[1] if v[1] is not None else math.nan,
+            "subsets": int(v[2]) if isinstance(v[2], (int, float)) else 1} for k, v in sorted(rows.items())]
+    return pd.DataFrame(out, columns=["dataset", "extractor", "n", "floor FID (mean)", "sd over subsets", "subsets"])
+
+
+def floor_markdown(records: list[dict]) -> str:
+    t = floor_table(records)
+    if len(t) == 0:
+        return ""
+    return ("The real-data floor: the FID that n real images score against the same reference (random subsets of "
+            "the reference; no generator can be expected below it).\n\n" + markdown_table(t) + "\n")
+
+
+def readme_leaderboard_markdown(records: list[dict], rel: str = "results") -> str:
+    """The README's leaderboard: the few-step view (FID at 5, 10 and 20 NFE per sampler and model), the rule,
+    and links to the full tables."""
+    view = nfe_view(records)
+    return (f"FID at matched NFE (mean ± 95% half-width over sampling seeds; rank in brackets, `=k` a tie; "
+            f"`@n` the actual NFE where a sampler cannot hit the target exactly).  {RANK_RULE}  "
+            f"Every configuration: [{rel}/report.md]({rel}/report.md#leaderboard), "
+            f"[{rel}/leaderboard.csv]({rel}/leaderboard.csv).\n\n" + nfe_view_markdown(view, heading_level=4))
+
+
 def write_report(records_path_or_dir, outdir) -> Path:
     """Write ``outdir/report.md`` (plus ``outdir/plots/`` and ``outdir/leaderboard.csv``)."""
     outdir = Path(outdir)
@@ -154,6 +197,7 @@ def write_report(records_path_or_dir, outdir) -> Path:
     plot_paths = make_plots(records, outdir / "plots", errors=problems)
     tables_md = reproduction_tables_markdown(records, errors=problems)
     sc = scorecard(records)
+    scorecard_to_csv(sc, outdir / "scorecard.csv")
 
     parts = [
         "# diffbench report",
@@ -165,11 +209,15 @@ def write_report(records_path_or_dir, outdir) -> Path:
         header_markdown(records, _sources(records_path_or_dir)),
         "## Leaderboard",
         "",
-        "FID ranks sampler configurations only within a comparable group: the same model, dataset, "
-        "feature extractor, reference set and number of samples. Several seeds are averaged. "
-        "Full table: [leaderboard.csv](leaderboard.csv).",
+        LEADERBOARD_RULE + " Full table: [leaderboard.csv](leaderboard.csv).",
         "",
-        to_markdown(lb, heading_level=3),
+        floor_markdown(records),
+        "### Few-step view: FID at matched NFE",
+        "",
+        nfe_view_markdown(nfe_view(records), heading_level=4),
+        "### Every configuration",
+        "",
+        to_markdown(lb, heading_level=4),
         "## Reproduction tables",
         "",
         tables_md,
@@ -177,6 +225,10 @@ def write_report(records_path_or_dir, outdir) -> Path:
         "",
         _plots_markdown(plot_paths, outdir),
         "## Scorecard",
+        "",
+        "A comparison passes only beyond the noise: a one-sided test at 95% over seeds (paired over shared "
+        "seeds, Welch otherwise); the right direction inside the noise is `inconclusive`; a significant wrong "
+        "direction is `fail`.  Full table: [scorecard.csv](scorecard.csv).",
         "",
         scorecard_markdown(sc),
     ]
@@ -231,9 +283,11 @@ def _rel(path: Path) -> str:
 def readme_sections(results_dir, extractor_json=None) -> dict[str, str]:
     """The generated text for each README marker pair."""
     records = as_dicts(load_records(results_dir))
+    rel = _rel(Path(results_dir))
     return {
-        "leaderboard": to_markdown(leaderboard(records), heading_level=3).rstrip(),
-        "scorecard": scorecard_markdown(scorecard(records)).rstrip(),
+        "leaderboard": readme_leaderboard_markdown(records, rel).rstrip(),
+        "scorecard": (headline(scorecard(records)) + f"\n\nEvery claim with its numbers, interval and why: "
+                      f"[{rel}/report.md]({rel}/report.md#scorecard) and [{rel}/scorecard.csv]({rel}/scorecard.csv)."),
         "extractor": extractor_statement(extractor_json),
     }
 
