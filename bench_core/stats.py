@@ -252,23 +252,18 @@ def _vs_bound(values, bound: float, *, below: bool, what: str, fmt: str) -> Verd
 
 
 def all_of(verdicts: Sequence[Verdict], labels: Sequence[str] | None = None, *, sep: str = "; ") -> Verdict:
-    """Verdict on a claim made of several comparisons, all of which must hold: ``fail`` when any fails,
-    ``pass`` when all pass, ``not run`` when none could be decided for want of records, else ``inconclusive``.
-    The text joins every part (prefixed by its label); ``why`` names the parts that decide the status."""
+    """Verdict on a claim made of several comparisons, all of which must hold: ``fail`` when any fails, else
+    ``inconclusive`` when any is, else ``not run`` when any part lacked records, else ``pass``.  The text joins
+    every part (prefixed by its label); ``why`` joins the whys of the parts that decide the status."""
     labels = list(labels) if labels is not None else [""] * len(verdicts)
-    parts = [f"{lab}: {v.text}" if lab else v.text for lab, v in zip(labels, verdicts) if v.text]
-    text = sep.join(parts)
     if not verdicts:
         return Verdict(NOT_RUN, "", "nothing to compare")
-    def whys(status):
-        return sep.join(f"{lab}: {v.why}" if lab else v.why for lab, v in zip(labels, verdicts) if v.status == status)
-    if any(v.status == FAIL for v in verdicts):
-        return Verdict(FAIL, text, whys(FAIL))
-    if all(v.status == PASS for v in verdicts):
-        return Verdict(PASS, text)
-    if all(v.status == NOT_RUN for v in verdicts):
-        return Verdict(NOT_RUN, text, whys(NOT_RUN))
-    return Verdict(INCONCLUSIVE, text, whys(INCONCLUSIVE) or whys(NOT_RUN))
+    text = sep.join(f"{lab}: {v.text}" if lab else v.text for lab, v in zip(labels, verdicts) if v.text)
+    for status in (FAIL, INCONCLUSIVE, NOT_RUN):
+        why = [f"{lab}: {v.why}" if lab else v.why for lab, v in zip(labels, verdicts) if v.status == status]
+        if why:
+            return Verdict(status, text, sep.join(why))
+    return Verdict(PASS, text)
 
 
 def scaled(values, factor: float):

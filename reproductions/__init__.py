@@ -214,6 +214,14 @@ def ok_rows(df, *present: str, **eq):
     return df[m]
 
 
+def train_seed_of(t) -> int:
+    """A record's training seed (0 for records from before ``train_seed`` existed: None or NaN)."""
+    try:
+        return 0 if t is None or t != t else int(t)
+    except (TypeError, ValueError):
+        return 0
+
+
 def seed_values(df, col: str = "fid") -> dict:
     """Replicate values of ``col`` keyed by (train_seed, seed): the input of ``bench_core.stats``' verdicts
     (two sides keyed alike are paired).  Duplicate keys (e.g. a re-run) are averaged; NaN values dropped."""
@@ -227,9 +235,17 @@ def seed_values(df, col: str = "fid") -> dict:
         except (TypeError, ValueError):
             continue
         if v == v and abs(v) != float("inf"):
-            t = 0 if t is None or t != t else int(t)  # records from before train_seed existed: None / NaN
-            out.setdefault((t, int(s)), []).append(v)
+            out.setdefault((train_seed_of(t), int(s)), []).append(v)
     return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+def combine(parts: list[tuple[str, "ClaimResult"]]) -> "ClaimResult":
+    """One verdict from named parts that must all hold (``bench_core.stats.all_of``'s rule: fail if any fails,
+    else inconclusive if any is, else not run if any is, else pass)."""
+    from bench_core.stats import Verdict, all_of
+
+    v = all_of([Verdict(r.status, r.ours, r.why) for _, r in parts], [name for name, _ in parts])
+    return ClaimResult(v.status, v.text, v.why)
 
 
 def fid_seeds(df, col: str = "fid", **eq) -> dict:
@@ -243,7 +259,7 @@ def primary(df):
     ``--train-seed K`` shifts every seed by K; extra training seeds of a comparison are left to their claim)."""
     if df is None or len(df) == 0 or "train_seed" not in df:
         return df
-    ts = df["train_seed"].fillna(0).astype(int)
+    ts = df["train_seed"].map(train_seed_of)
     lowest = ts.groupby(df["reproduction"].astype(str) + "/" + df["model"].astype(str)).transform("min")
     return df[ts == lowest]
 

@@ -31,7 +31,9 @@ from bench_core.nets.unet import UNet, UNetConfig
 from bench_core.schedules import karras_grid
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from bench_core import stats
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, seed_values
+from reproductions import (
+    Claim, ClaimResult, LoadedModel, Reproduction, combine, largest_group, ok_rows, register, seed_values,
+)
 from reproductions.ddpm import config_dict
 from reproductions.edm import EDM_REPRO, MODELS as EDM_MODELS, EDMConfig
 
@@ -434,16 +436,6 @@ def _check_ct_trains(df) -> ClaimResult:
         return ClaimResult("not run", "", f"check failed: {type(e).__name__}: {e}")
 
 
-def _combine(parts: list[tuple[str, ClaimResult]]) -> ClaimResult:
-    """One verdict from named parts: fail if any fails, else inconclusive if any is, else not run if any is, else pass."""
-    ours = "; ".join(f"{name}: {r.ours}" for name, r in parts if r.ours)
-    for status in ("fail", "inconclusive", "not run"):
-        bad = [f"{name}: {r.why}" for name, r in parts if r.status == status]
-        if bad:
-            return ClaimResult(status, ours, "; ".join(bad))
-    return ClaimResult("pass", ours)
-
-
 def _ct_not_run(gate: ClaimResult) -> ClaimResult:
     return ClaimResult("not run", "", f"CT did not reach its bar (cm-ct-trains {gate.status}: {gate.why or gate.ours})")
 
@@ -459,7 +451,7 @@ def _check_two_step(df) -> ClaimResult:
                 continue
             v = stats.beats(two, one, what="FID", names=("2-step", "1-step"))
             parts.append((mode.upper(), ClaimResult.of(v)))
-        return _combine(parts)
+        return combine(parts)
     except Exception as e:
         return ClaimResult("not run", "", f"check failed: {type(e).__name__}: {e}")
 
@@ -482,7 +474,7 @@ def _check_cd_ct(df) -> ClaimResult:
                                                 "comparison")
         parts = [(f"{s}-step", ClaimResult.of(stats.beats(cm_values(df, "cd", s), cm_values(df, "ct", s),
                                                           names=("CD", "CT")))) for s in (1, 2)]
-        r = _combine(parts)
+        r = combine(parts)
         return ClaimResult(r.status, f"{r.ours}; {cost}", r.why)
     except Exception as e:
         return ClaimResult("not run", "", f"check failed: {type(e).__name__}: {e}")

@@ -11,7 +11,7 @@ import pandas as pd
 
 from bench_core.records import decode_preview
 from bench_core.stats import all_of, beats, scaled, summarize
-from reproductions import Claim, ClaimResult, largest_group, ok_rows, primary, register, seed_values
+from reproductions import Claim, ClaimResult, largest_group, ok_rows, primary, register, seed_values, train_seed_of
 from reproductions.ddpm import DDPM
 
 S_COLUMNS = (10, 20, 50, 100, 1000)
@@ -220,10 +220,10 @@ def _preview_distances(df, row: str, S_a: int, S_b: int) -> dict:
     out = {}
     for _, x in a.iterrows():
         for _, y in b.iterrows():
-            if x["seed"] == y["seed"] and x["train_seed"] == y["train_seed"]:
+            if x["seed"] == y["seed"] and train_seed_of(x["train_seed"]) == train_seed_of(y["train_seed"]):
                 pa, pb = decode_preview(x["preview"]).astype(float), decode_preview(y["preview"]).astype(float)
                 n = min(len(pa), len(pb))
-                out[(int(x["train_seed"] or 0), int(x["seed"]))] = float(np.abs(pa[:n] - pb[:n]).mean() / 255.0)
+                out[(train_seed_of(x["train_seed"]), int(x["seed"]))] = float(np.abs(pa[:n] - pb[:n]).mean() / 255.0)
     return out
 
 

@@ -169,7 +169,7 @@ class EDM(Reproduction):
 
         from bench_core.report.plots import new_figure, save_figure
 
-        panels = fig2_series(df)
+        panels = fig2_values(df)
         if not panels:
             return []
         from matplotlib import colormaps
@@ -180,12 +180,16 @@ class EDM(Reproduction):
         for i, (panel, series) in enumerate(panels.items()):
             ax = fig.add_subplot(1, len(panels), i + 1)
             for lab, pts in series.items():
-                nfe, fid = zip(*pts)
-                ax.plot(nfe, fid, marker="o", ms=3, label=lab, color=color[lab])
+                nfe = sorted(pts)
+                st = [summarize(pts[n]) for n in nfe]
+                mean = [x.mean for x in st]
+                err = [[x.mean - x.lo if x.has_interval else 0 for x in st],
+                       [x.hi - x.mean if x.has_interval else 0 for x in st]]
+                ax.errorbar(nfe, mean, yerr=err, marker="o", ms=3, label=lab, color=color[lab], capsize=2, elinewidth=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("NFE (counted)")
-            ax.set_ylabel("FID")
+            ax.set_ylabel("FID (mean ± 95% interval over seeds)")
             ax.set_title(panel, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6)
@@ -243,22 +247,27 @@ def panel_records(df, panel: str):
 FIG2_SAMPLERS = ("ddpm", "ddim", "euler", "heun", "edm_stochastic")
 
 
-def fig2_series(df) -> dict:
-    """{panel: {label: [(nfe, mean FID), ...] sorted by NFE}} for the Figure-2 samplers (NFE <= 1000)."""
+def fig2_values(df) -> dict:
+    """{panel: {label: {nfe: [FID per seed]}}} for the Figure-2 samplers (primary models)."""
     out = {}
     for panel in PANELS:
         d = panel_records(df, panel)
         if d is None:
             continue
-        d = d[d["sampler"].isin(FIG2_SAMPLERS)]
+        d = primary(d[d["sampler"].isin(FIG2_SAMPLERS)])
         series: dict[str, dict] = {}
         for _, r in d.iterrows():
             lab = series_label(r["sampler"], r["sampler_opts"], r["grid"])
             series.setdefault(lab, {}).setdefault(float(r["nfe"]), []).append(float(r["fid"]))
         if series:
-            out[panel] = {lab: sorted((n, float(np.mean(f))) for n, f in pts.items())
-                          for lab, pts in sorted(series.items())}
+            out[panel] = dict(sorted(series.items()))
     return out
+
+
+def fig2_series(df) -> dict:
+    """{panel: {label: [(nfe, mean FID), ...] sorted by NFE}} for the Figure-2 samplers (NFE <= 1000)."""
+    return {panel: {lab: sorted((n, float(np.mean(f))) for n, f in pts.items()) for lab, pts in series.items()}
+            for panel, series in fig2_values(df).items()}
 
 
 def _seeds_by(d, sampler: str, grid_kind: str, rho=None, key: str = "nfe") -> dict:

@@ -29,8 +29,10 @@ from bench_core.nets.unet import UNet, count_parameters
 from bench_core.schedules import alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from bench_core import stats
-from reproductions import (Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, seed_values,
-                           unet_config_hash)
+from reproductions import (
+    Claim, ClaimResult, LoadedModel, Reproduction, combine, largest_group, ok_rows, register, seed_values,
+    train_seed_of, unet_config_hash,
+)
 from reproductions.ddpm import MODELS as DDPM_MODELS, DDPMConfig, config_dict, l_simple
 
 RESOLUTION = 32
@@ -352,16 +354,6 @@ def _values(d, f: int, col: str) -> dict:
     return seed_values(d[d["f"] == f], col)
 
 
-def _combine(parts: list[tuple[str, ClaimResult]]) -> ClaimResult:
-    """One verdict from named parts: fail if any fails, else inconclusive if any is, else not run if any is, else pass."""
-    ours = "; ".join(f"{name}: {r.ours}" for name, r in parts if r.ours)
-    for status in ("fail", "inconclusive", "not run"):
-        bad = [f"{name}: {r.why}" for name, r in parts if r.status == status]
-        if bad:
-            return ClaimResult(status, ours, "; ".join(bad))
-    return ClaimResult("pass", ours)
-
-
 def _groups(df):
     """(sampler, steps) -> records, for every group with the pixel model and at least one latent factor."""
     d = _ldm_records(df)
@@ -391,7 +383,7 @@ def _check_faster(df) -> ClaimResult:
         speed = stats.beats(_values(g, 4, "samples_per_sec"), _values(g, 1, "samples_per_sec"), lower_is_better=False,
                             what="samples/s", names=("f=4", "pixel"), fmt=".3g")
         fid = stats.beats(_values(g, 4, "fid"), _values(g, 1, "fid"), names=("f=4", "pixel"))
-        r = _combine([("speed", ClaimResult.of(speed)), ("FID", ClaimResult.of(fid))])
+        r = combine([("speed", ClaimResult.of(speed)), ("FID", ClaimResult.of(fid))])
         return ClaimResult(r.status, f"{sampler} {steps} steps: {r.ours}; {cost}", r.why)
     except Exception as e:  # a check never crashes the report
         return ClaimResult("not run", "", f"check failed: {type(e).__name__}: {e}")
@@ -421,7 +413,7 @@ def _check_rfid(df) -> ClaimResult:
         for ts, f, m in zip(d["train_seed"] if "train_seed" in d else [0] * len(d), d["f"], d["metrics"]):
             for i, v in enumerate((m or {}).get("rfid_subsets") or [(m or {}).get("rfid")]):
                 if f > 1 and v is not None:
-                    vals.setdefault(int(f), {})[(int(ts or 0), i)] = float(v)
+                    vals.setdefault(int(f), {})[(train_seed_of(ts), i)] = float(v)
         if len(vals) < 2:
             return ClaimResult("not run", "", "need latent records with at least two factors f")
         lo, hi = min(vals), max(vals)
@@ -451,7 +443,7 @@ def _check_sweet_spot(df) -> ClaimResult:
         parts = [(f"f={best} vs pixel", ClaimResult.of(stats.beats(vals[best], vals[1], names=(f"f={best}", "f=1"))))]
         parts += [(f"f={f} vs f={top}", ClaimResult.of(stats.beats(vals[f], vals[top], names=(f"f={f}", f"f={top}"))))
                   for f in fs[:-1]]
-        r = _combine(parts)
+        r = combine(parts)
         return ClaimResult(r.status, f"{head}; best f = {best}; " + r.ours, r.why)
     except Exception as e:
         return ClaimResult("not run", "", f"check failed: {type(e).__name__}: {e}")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from bench_core.stats import all_of
 from bench_core.denoiser import bcast, expand_sigma
 from bench_core.nets.unet import timestep_embedding
 from bench_core.samplers import Opt, _sig, register_sampler
@@ -564,17 +565,7 @@ def _check_samples(df) -> ClaimResult:
         a = seed_values(r.assign(v=r["metrics"].map(lambda m: m[key])), "v")
         b = seed_values(r.assign(v=r["metrics"].map(lambda m: m[base])), "v")
         out.append(beats(a, b, what=what, names=("samples", "Gaussian fit"), fmt=".4f"))
-    return ClaimResult.of(_worst(out))
-
-
-def _worst(verdicts):
-    """The combined verdict of claims that must all hold: fail if one fails, else inconclusive if one is, else pass;
-    the texts joined."""
-    from bench_core.stats import Verdict
-
-    order = {"fail": 0, "not run": 1, "inconclusive": 2, "pass": 3}
-    worst = min(verdicts, key=lambda v: order[v.status])
-    return Verdict(worst.status, "; ".join(v.text for v in verdicts if v.text), worst.why)
+    return ClaimResult.of(all_of(out))
 
 
 SD_REPRO = register(SohlDickstein())

@@ -11,7 +11,7 @@ from bench_core.cli import main
 from bench_core.suite import SuiteError, parse_suite
 
 BUILT_ON_DDPM = [("adm", "guided"), ("qdiffusion", "digits-w8a8-naive"), ("speed", "ddpm-digits-fast")]
-UNKNOWN = "base_model: unknown ddpm preset 'nope' (known: digits, cifar10)"  # reproductions/ddpm.py MODELS
+UNKNOWN = "base_model: unknown ddpm preset 'nope' (known: digits, digits-vlb, cifar10)"  # reproductions/ddpm.py MODELS
 
 
 @pytest.mark.parametrize("rep,model", BUILT_ON_DDPM)

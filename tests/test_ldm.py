@@ -149,7 +149,14 @@ def test_ldm_claims_from_records():
     rfid = {2: 1.0, 4: 2.0, 8: 5.0, 16: 40.0}
     # the paper's picture: f = 4 best, f = 16 worst, pixel slow
     df = _ldm_df({1: 20.0, 2: 12.0, 4: 8.0, 8: 10.0, 16: 60.0}, sps, rfid)
-    assert status(df) == {"ldm-latent-faster": "pass", "ldm-larger-f-rfid": "pass", "ldm-intermediate-f-best": "pass"}
+    assert status(df) == {"ldm-latent-faster": "pass", "ldm-pixel-baseline-works": "pass", "ldm-larger-f-rfid": "pass",
+                          "ldm-intermediate-f-best": "pass"}
+    # a broken pixel baseline (noise: recall ~0) is a failed sanity check, and the comparison with it is not run
+    broken = df.copy()
+    broken.loc[broken["model"] == "pixel", "recall"] = [0.004, 0.003, 0.005, 0.004, 0.002, 0.006]
+    st = {c.id: c.check(broken) for c in ldm.claims()}
+    assert st["ldm-pixel-baseline-works"].status == "fail"
+    assert st["ldm-latent-faster"].status == "not run" and "broken side" in st["ldm-latent-faster"].why
     # inside the noise: f = 4 vs pixel, f = 4 vs f = 2 -> inconclusive
     st = status(_ldm_df({1: 8.3, 2: 8.2, 4: 8.0, 8: 8.4, 16: 8.5}, sps, rfid, noise=3.0))
     assert st["ldm-latent-faster"] == "inconclusive" and st["ldm-intermediate-f-best"] == "inconclusive"

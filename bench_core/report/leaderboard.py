@@ -450,7 +450,7 @@ def load_registry() -> tuple[dict, list[tuple[str, str]]]:
 # --------------------------------------------------------------------------------------------
 # Few-step view: FID at matched NFE
 # --------------------------------------------------------------------------------------------
-NFE_VIEW_COLUMNS = ["group", "model", "target_nfe", "sampler", "steps", "nfe", "fid_mean", "fid_sem", "fid_ci_lo",
+NFE_VIEW_COLUMNS = ["group", "model", "reproduction", "num_samples", "fid_extractor", "target_nfe", "sampler", "steps", "nfe", "fid_mean", "fid_sem", "fid_ci_lo",
                     "fid_ci_hi", "n_seeds", "rank", "tied"]
 
 
@@ -518,6 +518,10 @@ def nfe_view_markdown(view: pd.DataFrame, *, heading_level: int = 3) -> str:
                 rank = None if pd.isna(r["rank"]) else int(r["rank"])
                 cells.append(f"{txt} ({rank_label(rank, bool(r['tied']), int(r['n_seeds']))})")
             table[f"NFE {t}"] = cells
-        out += [f"{hashes} {g.iloc[0]['model']} · {group}", "",
+        first = g.iloc[0]
+        reps = ", ".join(sorted({x for r in g["reproduction"] for x in str(r).split(", ") if x}))
+        mhash = group.split(" · ")[0].split("@")[-1] if "@" in group.split(" · ")[0] else ""
+        title = f"{first['model']} ({reps})" + (f" `{mhash}`" if mhash else "")
+        out += [f"{hashes} {title} · n={int(first['num_samples'])} · {first['fid_extractor']}", "",
                 markdown_table(pd.DataFrame(table), align={"sampler": "l"}), ""]
     return "\n".join(out).rstrip() + "\n"

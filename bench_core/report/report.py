@@ -28,6 +28,7 @@ MARKERS = {
     "leaderboard": ("<!-- diffbench:leaderboard:start -->", "<!-- diffbench:leaderboard:end -->"),
     "scorecard": ("<!-- diffbench:scorecard:start -->", "<!-- diffbench:scorecard:end -->"),
     "extractor": ("<!-- diffbench:extractor:start -->", "<!-- diffbench:extractor:end -->"),
+    "cost": ("<!-- diffbench:cost:start -->", "<!-- diffbench:cost:end -->"),
 }
 
 
@@ -175,6 +176,39 @@ def floor_markdown(records: list[dict]) -> str:
             "the reference; no generator can be expected below it).\n\n" + markdown_table(t) + "\n")
 
 
+def cost_table(records: list[dict]) -> pd.DataFrame:
+    """What a run cost, per reproduction: runs, training seconds, total wall seconds (sampling, metrics and, for
+    the first run of a model, loading or training it), from the records' ``train_sec`` and ``wall_sec``."""
+    rows: dict[str, list] = {}
+    for r in records:
+        rep = str(r.get("reproduction") or "?")
+        row = rows.setdefault(rep, [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += finite(r.get("train_sec")) or 0.0
+        row[2] += finite(r.get("wall_sec")) or 0.0
+    out = [{"reproduction": k, "runs": v[0], "training (min)": v[1] / 60, "wall (min)": v[2] / 60}
+           for k, v in sorted(rows.items(), key=lambda kv: -kv[1][2])]
+    return pd.DataFrame(out, columns=["reproduction", "runs", "training (min)", "wall (min)"])
+
+
+def cost_markdown(records: list[dict]) -> str:
+    """The cost of the suite run among the records (the suite with most records; benchmark scripts' records that
+    sit beside it are not part of the run)."""
+    suites = Counter(str(r.get("suite") or "") for r in records)
+    if suites:
+        main_suite = suites.most_common(1)[0][0]
+        records = [r for r in records if str(r.get("suite") or "") == main_suite]
+    t = cost_table(records)
+    if len(t) == 0:
+        return "_No records._"
+    devices = sorted({str(r.get("device_name") or r.get("device") or "") for r in records} - {""})
+    total, train = t["wall (min)"].sum(), t["training (min)"].sum()
+    return (f"This run (suite `{main_suite or '?'}`): {int(t['runs'].sum())} runs, {total:.1f} minutes of run wall time in all, of which "
+            f"{train:.1f} training the models from an empty cache (a cached re-run skips it); "
+            f"{', '.join(devices) or 'unknown device'}.\n\n"
+            + markdown_table(t, formatters={"training (min)": lambda v: f"{v:.1f}", "wall (min)": lambda v: f"{v:.1f}"}))
+
+
 def readme_leaderboard_markdown(records: list[dict], rel: str = "results") -> str:
     """The README's leaderboard: the few-step view (FID at 5, 10 and 20 NFE per sampler and model), the rule,
     and links to the full tables."""
@@ -289,6 +323,7 @@ def readme_sections(results_dir, extractor_json=None) -> dict[str, str]:
         "scorecard": (headline(scorecard(records)) + f"\n\nEvery claim with its numbers, interval and why: "
                       f"[{rel}/report.md]({rel}/report.md#scorecard) and [{rel}/scorecard.csv]({rel}/scorecard.csv)."),
         "extractor": extractor_statement(extractor_json),
+        "cost": cost_markdown(records),
     }
 
 
