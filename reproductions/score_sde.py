@@ -23,7 +23,7 @@ from bench_core.denoiser import SDEEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
 from bench_core.stats import all_of, beats
-from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values
+from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, fid_seeds, ok_rows, register, seed_values
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,12 +344,8 @@ def likelihood_table(df) -> list[dict]:
 
 def _fid_seeds(d, sampler: str, nfe=None, steps=None, **eq) -> dict:
     """{(train_seed, seed): FID} of one sampler configuration in the frame ``d`` (``eq``: e.g. opt_n_corrector=1)."""
-    g = ok_rows(d[d["sampler"] == sampler], **eq)
-    if nfe is not None:
-        g = g[g["nfe"] == nfe]
-    if steps is not None:
-        g = g[g["steps"] == steps]
-    return seed_values(g, "fid")
+    sizes = {k: v for k, v in (("nfe", nfe), ("steps", steps)) if v is not None}
+    return fid_seeds(d, sampler=sampler, **sizes, **eq)
 
 
 def _score_rows(df, model: str):

@@ -145,7 +145,7 @@ def leaderboard(records: list[dict], *, nfe_max: float | None = None,
              for key, by_cfg in configs.items()}
     for key in sorted(configs, key=lambda k: _group_order(k, names[k])):
         rep, model, mhash, dataset, extractor, reference, n = key
-        group_rows, fid_summaries = [], []
+        group_rows = []
         for cfg, by_seed in configs[key].items():
             label, steps, device_name, device, dtype = cfg
             recs = [by_seed[s] for s in sorted(by_seed)]
@@ -194,6 +194,11 @@ def _model_name(model: str, recs: list[dict]) -> str:
     return f"{model} [{', '.join(labels)}]" if labels else model
 
 
+def _nullable_int(values) -> pd.api.extensions.ExtensionArray:
+    """Integers with missing values (None, NaN, "") as pandas' nullable Int64."""
+    return pd.array([None if finite(v) is None else int(float(v)) for v in values], dtype="Int64")
+
+
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for c in FLOAT_COLUMNS:
@@ -201,7 +206,7 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     for c in INT_COLUMNS:
         df[c] = df[c].astype("int64")
     for c in NULLABLE_INT_COLUMNS:
-        df[c] = pd.array([None if finite(v) is None else int(float(v)) for v in df[c]], dtype="Int64")
+        df[c] = _nullable_int(df[c])
     for c in BOOL_COLUMNS:
         df[c] = df[c].map(lambda v: str(v).lower() in ("true", "1")).astype(bool)
     for c in STR_COLUMNS:
@@ -375,15 +380,15 @@ def _group_heading(g: pd.DataFrame) -> tuple[str, str]:
     return title, "; ".join(details)
 
 
-def display_table(g: pd.DataFrame, columns=None) -> str:
-    """A Markdown table of leaderboard rows (one group or any selection), intervals as ``mean ± half-width``;
-    columns that say nothing here are dropped."""
-    cols = [c for c in (columns or LEADERBOARD_DISPLAY) if LEADERBOARD_DISPLAY[c][2] in g.columns]
-    cols = [c for c in cols if not (LEADERBOARD_DISPLAY[c][2] in FLOAT_COLUMNS and g[LEADERBOARD_DISPLAY[c][2]].isna().all())]
-    if columns is None and "device_name" in cols and g["device_name"].nunique() <= 1:
+def display_table(g: pd.DataFrame) -> str:
+    """A Markdown table of one group's leaderboard rows, intervals as ``mean ± half-width``; columns that say
+    nothing here are dropped."""
+    cols = [c for c, (_, _, src) in LEADERBOARD_DISPLAY.items()
+            if src in g.columns and not (src in FLOAT_COLUMNS and g[src].isna().all())]
+    if "device_name" in cols and g["device_name"].nunique() <= 1:
         cols.remove("device_name")  # already in the heading
-    table = pd.DataFrame({LEADERBOARD_DISPLAY[c][0]: [LEADERBOARD_DISPLAY[c][1](r) for _, r in g.iterrows()]
-                          for c in cols})
+    rows = [r for _, r in g.iterrows()]
+    table = pd.DataFrame({LEADERBOARD_DISPLAY[c][0]: [LEADERBOARD_DISPLAY[c][1](r) for r in rows] for c in cols})
     return markdown_table(table, align={LEADERBOARD_DISPLAY[c][0]: ("l" if c in ("sampler", "device_name", "reproduction")
                                                                     else "r") for c in cols})
 
@@ -450,17 +455,19 @@ def load_registry() -> tuple[dict, list[tuple[str, str]]]:
 # --------------------------------------------------------------------------------------------
 # Few-step view: FID at matched NFE
 # --------------------------------------------------------------------------------------------
-NFE_VIEW_COLUMNS = ["group", "model", "reproduction", "num_samples", "fid_extractor", "target_nfe", "sampler", "steps", "nfe", "fid_mean", "fid_sem", "fid_ci_lo",
-                    "fid_ci_hi", "n_seeds", "rank", "tied"]
+NFE_VIEW_COLUMNS = ["group", "model", "model_hash", "reproduction", "num_samples", "fid_extractor", "target_nfe",
+                    "sampler", "steps", "nfe", "fid_mean", "fid_sem", "fid_ci_lo", "fid_ci_hi", "n_seeds", "rank", "tied"]
 
 
 def nfe_view(records: list[dict], nfes=(5, 10, 20), *, tolerance: float = 1.0, min_samplers: int = 2,
-             group_filter=None) -> pd.DataFrame:
+             group_filter=None, lb: pd.DataFrame | None = None) -> pd.DataFrame:
     """FID at matched NFE: for each comparable group (model) and each target NFE, every sampler configuration
     whose mean NFE is within ``tolerance`` of the target (a Heun step costs 2 NFE, so 10 exactly is not always
     reachable; the actual NFE is shown), ranked with ties among themselves by the leaderboard's rule.  Groups
-    with fewer than ``min_samplers`` samplers at every target are left out (nothing to compare)."""
-    lb = leaderboard(records, group_filter=group_filter)
+    with fewer than ``min_samplers`` samplers at every target are left out (nothing to compare).  ``lb``: the
+    records' leaderboard when the caller has it already."""
+    if lb is None:
+        lb = leaderboard(records, group_filter=group_filter)
     rows = []
     for group in dict.fromkeys(lb["group"]):
         g = lb[lb["group"] == group]
@@ -479,11 +486,11 @@ def nfe_view(records: list[dict], nfes=(5, 10, 20), *, tolerance: float = 1.0, m
             per_target.append(sel)
         if not per_target or max(len(p) for p in per_target) < min_samplers:
             continue
-        rows.extend(p[NFE_VIEW_COLUMNS].to_dict("records") for p in per_target)
-    flat = [r for block in rows for r in block]
-    df = pd.DataFrame(flat, columns=NFE_VIEW_COLUMNS)
-    df["rank"] = pd.array([None if v is None or pd.isna(v) else int(v) for v in df["rank"]], dtype="Int64")
-    return df.reset_index(drop=True)
+        for p in per_target:
+            rows += p[NFE_VIEW_COLUMNS].to_dict("records")
+    df = pd.DataFrame(rows, columns=NFE_VIEW_COLUMNS)
+    df["rank"] = _nullable_int(df["rank"])
+    return df
 
 
 def _as_summary(r):
@@ -520,8 +527,7 @@ def nfe_view_markdown(view: pd.DataFrame, *, heading_level: int = 3) -> str:
             table[f"NFE {t}"] = cells
         first = g.iloc[0]
         reps = ", ".join(sorted({x for r in g["reproduction"] for x in str(r).split(", ") if x}))
-        mhash = group.split(" · ")[0].split("@")[-1] if "@" in group.split(" · ")[0] else ""
-        title = f"{first['model']} ({reps})" + (f" `{mhash}`" if mhash else "")
+        title = f"{first['model']} ({reps})" + (f" `{first['model_hash'][:8]}`" if first["model_hash"] else "")
         out += [f"{hashes} {title} · n={int(first['num_samples'])} · {first['fid_extractor']}", "",
                 markdown_table(pd.DataFrame(table), align={"sampler": "l"}), ""]
     return "\n".join(out).rstrip() + "\n"

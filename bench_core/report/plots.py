@@ -129,12 +129,12 @@ def _fid_line(ax, x, p, color, label: str, lw: float) -> None:
                 lw=lw, capsize=2, elinewidth=0.8)
 
 
-def plot_nfe_heatmap(records: list[dict], outdir: Path, nfes=(5, 10, 20)) -> list[Path]:
+def plot_nfe_heatmap(lb, outdir: Path, nfes=(5, 10, 20)) -> list[Path]:
     """Samplers x NFE heatmap of mean FID, one panel per model (the few-step view); a cell's text is the mean
     and the half-width of its 95% interval, ``=`` marks a tie for that NFE's best rank."""
     from bench_core.report.leaderboard import nfe_view
 
-    view = nfe_view(records, nfes)
+    view = nfe_view([], nfes, lb=lb)
     if len(view) == 0:
         return []
     groups = list(dict.fromkeys(view["group"]))
@@ -316,7 +316,7 @@ def make_plots(records: list[dict], outdir: str | os.PathLike, *,
     lb = leaderboard(records)
     paths: list[Path] = []
     for name, fn, arg in (("fid_vs_nfe", plot_fid_vs_nfe, lb), ("fid_vs_latency", plot_fid_vs_latency, lb),
-                          ("sampler_heatmap", plot_nfe_heatmap, records), ("samples", plot_sample_grids, records)):
+                          ("sampler_heatmap", plot_nfe_heatmap, lb), ("samples", plot_sample_grids, records)):
         try:
             paths += fn(arg, outdir)
         except Exception as e:  # noqa: BLE001

@@ -248,7 +248,7 @@ def write_report(records_path_or_dir, outdir) -> Path:
         floor_markdown(records),
         "### Few-step view: FID at matched NFE",
         "",
-        nfe_view_markdown(nfe_view(records), heading_level=4),
+        nfe_view_markdown(nfe_view(records, lb=lb), heading_level=4),
         "### Every configuration",
         "",
         to_markdown(lb, heading_level=4),
