@@ -61,7 +61,8 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
              sampler_opts: dict[str, dict] | None = None, grid: dict | str | None = None, num_samples: int = 500,
              batch_size: int | None = None, seeds: Iterable[int] = (0,), name: str = "my-model",
              out: str | Path | None = None, device: str = "auto", cache_dir: str | Path | None = None,
-             inception_weights: str | None = None, progress: bool = True) -> Results:
+             inception_weights: str | None = None, progress: bool = True, timeout: float | None = None,
+             log=print, allow_large: bool = False) -> Results:
     """Sample ``denoiser`` with every sampler at every step count and measure it like a suite run.
 
     - ``denoiser``: ``D(x, sigma, **cond) -> x0`` estimate with ``sigma_min`` / ``sigma_max`` attributes
@@ -71,41 +72,42 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
       denoisers (they expose ``sigmas``), else ``karras`` (rho 7).
     - ``dataset``: the metrics' reference (and the sample shape when ``sample_shape`` is not given).
     - ``out``: a folder for ``records.jsonl`` (appended); None keeps the records in memory only.
+    - ``allow_large``: lift the size bounds of ``bench_core/limits.py`` (steps, num_samples, seeds).
+    - ``timeout``: seconds per run; a run past it is stopped and recorded as an error.
+
+    Like ``diffbench run``, a run that fails (the denoiser raises, returns something other than a tensor of the
+    input's shape and a floating dtype, or goes past ``timeout``) becomes an ``error`` record naming why, and the
+    other runs go on; ``log`` receives one line per failed run.
     """
     from . import records as rec
     from .measure import resolve_device
     from .samplers import get_sampler, load_all
-    from .schedules import GRIDS
-    from .suite import Run, _Metrics, run_one
+    from .suite import Run, _Metrics, _append, check_writable_dir, run_guarded, sampling_problems
     from .train import default_cache_dir
     from reproductions import LoadedModel
 
     load_all()
     samplers, steps, seeds = list(samplers), [int(s) for s in steps], [int(s) for s in seeds]
     sampler_opts = dict(sampler_opts or {})
-    # every problem before any work, like a suite file
-    errors = []
-    for s in samplers:
-        try:
-            spec = get_sampler(s)
-            errors += spec.validate(sampler_opts.get(s, {}))
-        except KeyError as e:
-            errors.append(str(e).strip("'\""))
-    for s in sampler_opts:
-        if s not in samplers:
-            errors.append(f"sampler_opts given for {s!r}, which is not in samplers")
-    if not steps or any(n < 1 for n in steps):
-        errors.append(f"steps must be positive integers, got {steps}")
+    # every problem before any work, through the suite's validator (sampling_problems: options, grid, steps
+    # against the denoiser's timesteps, sizes and seeds), then what only a user's denoiser can get wrong
     if grid is None:
         grid = {"kind": "uniform" if getattr(denoiser, "sigmas", None) is not None else "karras"}
     grid = {"kind": grid} if isinstance(grid, str) else dict(grid)
-    if grid.get("kind") not in GRIDS:
-        errors.append(f"unknown grid {grid.get('kind')!r}; known: {', '.join(GRIDS)}")
+    sigmas = getattr(denoiser, "sigmas", None)
+    errors = []
+    for s in samplers or [None]:
+        entry = {"sampler": s, "sampler_opts": sampler_opts.get(s, {}), "grid": grid, "steps": steps, "seeds": seeds,
+                 "num_samples": num_samples, "batch_size": batch_size or num_samples}
+        msgs, _ = sampling_problems(entry, model=f"the denoiser {name!r}", allow_large=allow_large,
+                                    timesteps=len(sigmas) if sigmas is not None else None)
+        errors += [m.lstrip(".") for m in msgs if m.lstrip(".") not in errors]
+    for s in sampler_opts:
+        if s not in samplers:
+            errors.append(f"sampler_opts given for {s!r}, which is not in samplers")
     for attr in ("sigma_min", "sigma_max"):
         if not hasattr(denoiser, attr):
             errors.append(f"the denoiser has no {attr} attribute (see bench_core.denoiser for the protocol)")
-    if num_samples < 1:
-        errors.append(f"num_samples must be >= 1, got {num_samples}")
     data = None
     metrics = _Metrics(Path(cache_dir) if cache_dir else default_cache_dir(), inception_weights)
     try:  # loaded once: the metrics reuse it
@@ -120,7 +122,10 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
     shape = tuple(sample_shape) if sample_shape is not None else tuple(data.x.shape[1:])
     model_hash = _model_hash(denoiser, name)
     lm = LoadedModel(denoiser, model_hash, dataset, shape, dataset_opts=dict(dataset_opts or {}))
-    store = rec.RecordStore(Path(out) / "records.jsonl") if out is not None else None
+    store = None
+    if out is not None:
+        check_writable_dir(Path(out), "out")  # an unusable folder is refused before any sampling
+        store = rec.RecordStore(Path(out) / "records.jsonl")
     runs = [Run(suite="api", entry=name, reproduction="user", model=name, model_overrides={}, sampler=s,
                 sampler_opts=get_sampler(s).resolve(sampler_opts.get(s, {})), grid=grid, steps=n, seed=seed,
                 num_samples=num_samples, batch_size=min(batch_size or num_samples, num_samples),
@@ -133,8 +138,8 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
               disable=not progress) as bar:
         for r in runs:
             bar.set_postfix_str(f"{r.sampler} S={r.steps}", refresh=False)
-            record = run_one(r, lm, metrics, dev, on_batch=bar.update)
+            record = run_guarded(r, lm, metrics, dev, timeout=timeout, on_batch=bar.update, log=log)
             if store is not None:
-                store.append(record)
+                _append(store, record)
             out_records.append(asdict(record))
     return Results(out_records, Path(out) if out is not None else None)

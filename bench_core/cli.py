@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_SUITE = "default"
+ALLOW_LARGE_HELP = ("accept values above the size bounds (steps, num_samples, seeds, training steps, runs; "
+                    "bench_core/limits.py) that otherwise refuse a suite as a likely typo")
 
 
 def _records_paths(args) -> list[Path]:
@@ -29,12 +31,13 @@ def suite_slug(name: str) -> str | None:
     return slug or None
 
 
-def _load_suite(name, train_seed: int = 0):
-    """The validated suite, or None after printing every problem to stderr."""
+def _load_suite(name, train_seed: int = 0, allow_large: bool = False):
+    """The validated suite, or None after printing every problem to stderr (a file that cannot be found, read or
+    parsed included).  ``allow_large``: lift the size bounds of bench_core/limits.py (--allow-large)."""
     from .suite import SuiteError, load_suite
 
     try:
-        return load_suite(name, train_seed_offset=train_seed)
+        return load_suite(name, train_seed_offset=train_seed, allow_large=allow_large)
     except (SuiteError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -60,13 +63,36 @@ def _dry_run(args, suite, out: Path) -> int:
     return 0
 
 
+def _kept(out: Path, suite) -> str:
+    """How many of the suite's runs the records in ``out`` hold, in words."""
+    from .records import load_records, record_key
+
+    keys = {r.key() for r in suite.runs}
+    kept = sum(1 for r in load_records(out / "records.jsonl") if record_key(r) in keys) \
+        if (out / "records.jsonl").exists() else 0
+    return f"{kept} of {len(suite.runs)} runs kept in {out / 'records.jsonl'}"
+
+
+def _resume_command(args) -> str:
+    """The command line that continues this run: the same arguments, with --out made explicit and --resume."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if "--out" not in argv and not any(a.startswith("--out=") for a in argv):
+        argv += ["--out", str(args.out_resolved)]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return shlex.join(["diffbench", *argv])
+
+
 def cmd_run(args) -> int:
-    from .suite import PreflightError, run_suite
+    from .guard import Interrupted, stop_on_signals
+    from .suite import OutputError, PreflightError, run_suite
 
     if args.train_seed < 0:
         print(f"error: --train-seed must be >= 0, got {args.train_seed}", file=sys.stderr)
         return 2
-    suite = _load_suite(args.suite, args.train_seed)
+    suite = _load_suite(args.suite, args.train_seed, args.allow_large)
     if suite is None:
         return 2
     if args.out:
@@ -78,6 +104,7 @@ def cmd_run(args) -> int:
                   f"give --out DIR or rename the suite", file=sys.stderr)
             return 2
         out = Path("runs") / slug
+    args.out_resolved = out
     if args.device == "cuda":
         import torch
 
@@ -90,27 +117,47 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(args, suite, out)
     from .distributed import DistributedError, init_from_env
+    from .records import StorageError
 
     dist = init_from_env(args.device)  # launched by torchrun: join the group; only rank 0 prints and writes
     if dist is not None and not dist.is_main:
         args.no_report, sys.stdout = True, open(os.devnull, "w")
     print(f"suite {suite.name}: {len(suite.runs)} runs from {suite.source} -> {out}/records.jsonl"
           + (f" ({dist.world_size} ranks, {dist.backend})" if dist is not None else ""))
+    resume_cmd = _resume_command(args)
     try:
-        summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
-                            progress=not args.no_progress, inception_weights=args.inception_weights)
-    except PreflightError as e:
+        with stop_on_signals():
+            summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
+                                progress=not args.no_progress, inception_weights=args.inception_weights,
+                                timeout=args.run_timeout)
+    except (PreflightError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except DistributedError as e:
-        print(f"error: distributed run failed: {e}", file=sys.stderr)
+        return 1 if getattr(e, "during_run", False) else 2
+    except StorageError as e:  # a cache file (checkpoint, reference statistics) could not be written
+        print(f"error: {e}\ndiffbench: {_kept(out, suite)}; continue with: {resume_cmd}", file=sys.stderr)
         return 1
+    except DistributedError as e:
+        during = f" during {e.where}" if getattr(e, "where", "") else ""
+        print(f"error: distributed run failed{during}: {e}\ndiffbench: {_kept(out, suite)}; continue with: "
+              f"{resume_cmd}", file=sys.stderr, flush=True)
+        return 1
+    except Interrupted as e:  # SIGINT / SIGTERM (under torchrun: the launcher stopping this rank after another failed)
+        who = f"rank {dist.rank}/{dist.world_size}: " if dist is not None else ""
+        during = f" during {e.where}" if e.where else ""
+        print(f"\ndiffbench: {who}stopped by {e}{during}; {_kept(out, suite)}; continue with: {resume_cmd}",
+              file=sys.stderr, flush=True)
+        return e.exit_code
     print(f"done: {summary['ran']} ran ({summary['ok']} ok, {summary['diverged']} diverged, "
           f"{summary['error']} error), {summary['skipped']} skipped; records: {summary['records']}")
     if not args.no_report:
         from .report.report import write_report
 
-        path = write_report(out, out)
+        try:
+            path = write_report(out, out)
+        except OSError as e:  # disk full, read-only: the records are whole; the report can be written again later
+            print(f"error: could not write the report in {out} ({e.strerror or e}); the records are complete: "
+                  f"free space and run `diffbench report --records {out}`", file=sys.stderr)
+            return 1
         print(f"report: {path}")
         _print_leaderboard([out])
     return 1 if summary["error"] and args.strict else 0
@@ -204,7 +251,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    suite = _load_suite(args.suite)
+    suite = _load_suite(args.suite, allow_large=args.allow_large)
     if suite is None:
         return 2
     total = sum(r.steps for r in suite.runs)
@@ -220,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a benchmark suite and write records (default: the default suite)")
-    r.add_argument("--suite", default=DEFAULT_SUITE, help="suite name in benchmarks/suites/ or a path to a YAML file "
-                   "(default: %(default)s)")
+    r.add_argument("--suite", default=DEFAULT_SUITE, help="suite name in benchmarks/suites/ (it wins over a same-named "
+                   "path in the working folder; write ./NAME for that) or a path to a YAML file (default: %(default)s)")
     r.add_argument("--out", default=None, help="output folder for records.jsonl and the report (default: runs/SUITE)")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample (default: auto)")
     r.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
@@ -236,9 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(from earlier records of the same models), then stop")
     r.add_argument("--history", nargs="+", default=None, help="records used for the --dry-run time estimate "
                    "(default: results/ and --out)")
+    r.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     r.add_argument("--train-seed", type=int, default=0, metavar="K",
                    help="add K to every entry's training seeds: the same suite on freshly trained models "
                         "(another checkpoint in the cache; default: %(default)s)")
+    r.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
+                   help="time limit per run (sampling and metrics; a suite entry's 'timeout' key also applies, the "
+                        "tighter wins): a run past it is stopped and recorded as an error, the suite goes on "
+                        "(default: no limit)")
     r.set_defaults(fn=cmd_run)
 
     lb = sub.add_parser("leaderboard", help="rank comparable sampler configurations by FID")
@@ -267,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_list)
 
     va = sub.add_parser("validate", help="check a suite file without running it")
-    va.add_argument("suite", help="suite name or path")
+    va.add_argument("suite", help="suite name in benchmarks/suites/ (it wins over a same-named path in the working "
+                    "folder; write ./NAME for that) or a path to a YAML file")
+    va.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     va.set_defaults(fn=cmd_validate)
     return p
 
@@ -275,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 0

@@ -113,6 +113,55 @@ class NFECounter(DenoiserWrapper):
         self.count = 0
 
 
+class DenoiserOutputError(TypeError):
+    """A denoiser returned something other than an estimate of x0 shaped like its input."""
+
+
+class CheckedDenoiser(DenoiserWrapper):
+    """Holds a denoiser to its contract on every call: the output is a torch tensor of the input's shape with a
+    floating dtype (a learned-kernel denoiser asked for ``kernel_variance`` returns two such tensors, both
+    checked).  Another floating dtype is cast to the input's, with one warning; anything else raises
+    :class:`DenoiserOutputError` naming what was expected and what came back.  Each call also checks the run's
+    time limit (``bench_core.guard``), so a run past it stops at its next denoiser call."""
+
+    def __init__(self, denoiser):
+        super().__init__(denoiser)
+        self._warned = False
+
+    def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        from .guard import check_deadline
+
+        check_deadline()
+        out = self.denoiser(x, sigma, **cond)
+        if cond.get("kernel_variance") and getattr(self.denoiser, "learned_kernel", False):
+            # a learned-kernel denoiser (Sohl-Dickstein) asked for its kernel variance returns (x0, variance)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise DenoiserOutputError(f"the denoiser was asked for its kernel variance and returned "
+                                          f"{type(out).__qualname__}; expected a pair (x0, variance)")
+            return self._check(x, out[0]), self._check(x, out[1])
+        return self._check(x, out)
+
+    def _check(self, x: Tensor, out) -> Tensor:
+        want = f"a torch.Tensor of shape {tuple(x.shape)} and a floating dtype"
+        if not isinstance(out, torch.Tensor):
+            raise DenoiserOutputError(f"the denoiser returned {type(out).__module__}.{type(out).__qualname__} "
+                                      f"where {want} was expected (the x0 estimate for the input batch)")
+        if tuple(out.shape) != tuple(x.shape):
+            raise DenoiserOutputError(f"the denoiser returned shape {tuple(out.shape)} for an input of shape "
+                                      f"{tuple(x.shape)}; expected {want} (one x0 estimate per input sample)")
+        if not out.is_floating_point():
+            raise DenoiserOutputError(f"the denoiser returned dtype {out.dtype}; expected {want}")
+        if out.dtype != x.dtype:
+            if not self._warned:
+                import warnings
+
+                warnings.warn(f"the denoiser returned {out.dtype} for {x.dtype} input; cast to {x.dtype}",
+                              stacklevel=2)
+                self._warned = True
+            out = out.to(x.dtype)
+        return out
+
+
 # --------------------------------------------------------------------------------------------
 # Exact denoisers (oracles)
 # --------------------------------------------------------------------------------------------

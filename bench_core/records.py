@@ -4,7 +4,12 @@
 Crash safety: each record is serialised first, then written with a single ``os.write`` on a
 file opened with O_APPEND and fsync'd, so a killed run leaves every finished line intact.  If a
 previous run was killed in the middle of a write the unterminated tail is moved to
-``<file>.partial`` (never silently dropped) before the next append.
+``<file>.partial`` (never silently dropped) before the next append.  A failed write (disk full, I/O
+error) is cut back to the previous size and raised as :class:`StorageError`: records are complete or absent.
+
+Every line read is validated against the record schema (:func:`validate_record`).  Readers skip a line
+that is not a record with one warning per file naming its line numbers; the run's own store
+(:class:`RecordStore`) also moves such lines to ``<file>.rejected`` before it next writes.
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
+
+from .atomic import StorageError, atomic_write_bytes, write_all  # noqa: F401 - StorageError: the runner catches it from here
 
 SCHEMA_VERSION = 1
 
@@ -92,13 +100,134 @@ def record_key(r: dict) -> tuple:
 
 
 # --------------------------------------------------------------------------------------------
+# Schema: what a line must be to be trusted as a record
+# --------------------------------------------------------------------------------------------
+class RecordWarning(UserWarning):
+    """Lines of a records file that are not records were skipped (or set aside)."""
+
+
+_JSON_TYPES = {"str": (str,), "int": (int,), "float": (int, float), "dict": (dict,)}
+
+
+def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """Record field -> (accepted JSON value types, None allowed), read from the dataclass annotations so
+    the check follows the schema; a field of another annotation is not type-checked."""
+    out = {}
+    for f in fields(Record):
+        parts = [p.strip() for p in str(f.type).split("|")]
+        if all(p in _JSON_TYPES or p == "None" for p in parts):
+            out[f.name] = (tuple(t for p in parts if p != "None" for t in _JSON_TYPES[p]), "None" in parts)
+    return out
+
+
+FIELD_TYPES = _field_types()
+
+
+def _json_kind(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(v), type(v).__name__)
+
+
+def validate_record(obj) -> str | None:
+    """Why ``obj`` (a parsed JSON line) is not a record, or None when it is one.
+
+    A record is a JSON object holding every field of ``REQUIRED_FIELDS``, every known field with its
+    declared JSON type (booleans are not numbers) and a known ``status``.  Fields a record may lack
+    (older records have no ``train_seed``) and fields this version does not know are accepted.
+    """
+    if not isinstance(obj, dict):
+        return f"not a JSON object but {_json_kind(obj)}"
+    problems = []
+    missing = [k for k in REQUIRED_FIELDS if k not in obj]
+    if missing:
+        problems.append("missing " + ", ".join(missing[:6]) + (f" (+{len(missing) - 6} more)" if len(missing) > 6 else ""))
+    for k, v in obj.items():
+        spec = FIELD_TYPES.get(k)
+        if spec is None or (v is None and spec[1]):
+            continue
+        if isinstance(v, bool) or not isinstance(v, spec[0]):
+            want = " or ".join(dict.fromkeys("a number" if t in (int, float) and float in spec[0] else
+                                             {str: "a string", int: "an integer", dict: "an object"}[t]
+                                             for t in spec[0]))
+            problems.append(f"{k} is {_json_kind(v)}, expected {want}" + (" or null" if spec[1] else ""))
+    if isinstance(obj.get("status"), str) and obj["status"] not in STATUSES:
+        problems.append(f"status {obj['status'][:20]!r} is not one of {', '.join(STATUSES)}")
+    return "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "") or None
+
+
+class _Line(NamedTuple):
+    number: int          # 1-based line number in the file
+    raw: bytes           # the line without its newline
+    record: dict | None  # the record, or None when the line is not one
+    why: str             # why not ("" for a record)
+
+
+def _parse_line(raw: bytes) -> tuple[dict | None, str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, f"not UTF-8 text (byte {e.start})"
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        return None, "JSON nested too deeply"
+    except ValueError as e:  # JSONDecodeError, or an integer too long to convert
+        return None, f"not JSON ({getattr(e, 'msg', str(e))[:60]}; a cut or damaged line?)"
+    why = validate_record(obj)
+    return (None, why) if why else (obj, "")
+
+
+def _scan(path: Path) -> list[_Line]:
+    """Every complete (newline-terminated), non-blank line of a records file, parsed and validated.
+    An unterminated last line is the tail of a killed write and is left out (see ``RecordStore``)."""
+    out = []
+    with open(path, "rb") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.endswith(b"\n"):
+                break
+            raw = line[:-1]
+            if not raw.strip():
+                continue
+            rec, why = _parse_line(raw.strip())
+            out.append(_Line(number, raw, rec, why))
+    return out
+
+
+def _describe_bad(bad: list[_Line], k: int = 8) -> str:
+    shown = "; ".join(f"line {ln.number}: {ln.why}" for ln in bad[:k])
+    return shown + (f"; and {len(bad) - k} more line(s)" if len(bad) > k else "")
+
+
+# --------------------------------------------------------------------------------------------
 # Store
 # --------------------------------------------------------------------------------------------
 class RecordStore:
-    """Append-only JSONL file of records."""
+    """Append-only JSONL file of records: the run's own store (``--out/records.jsonl``).
+
+    Before its first write the store puts its file in order: an unterminated tail (a killed write) goes
+    to ``<file>.partial`` and lines that are not records to ``<file>.rejected``, each with a warning;
+    nothing is dropped.  Reading (:meth:`load`, :meth:`done_keys`) never changes the file.
+    """
+
+    RESUME_HINT = ("the records file holds only complete records; free space (or fix the folder) and rerun "
+                   "with --resume to continue where the run stopped")
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._checked = False  # bad lines set aside (once, before the first append)
+
+    @property
+    def partial_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".partial")
+
+    @property
+    def rejected_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".rejected")
 
     def _repair_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -109,21 +238,58 @@ class RecordStore:
                 return
             data = self.path.read_bytes()
             cut = data.rfind(b"\n") + 1
-            with open(str(self.path) + ".partial", "ab") as p:
-                p.write(data[cut:] + b"\n")
+            _append_synced(self.partial_path, data[cut:] + b"\n")
             f.truncate(cut)
+            warnings.warn(f"{self.path}: an unterminated last line (a killed or failed write) was moved to "
+                          f"{self.partial_path.name}", RecordWarning, stacklevel=3)
+
+    def set_aside_bad_lines(self) -> int:
+        """Move the complete lines that are not records to ``<file>.rejected`` (appended, fsync'd first),
+        then rewrite the file with the good lines (atomically); returns how many lines were moved."""
+        if not self.path.is_file():
+            return 0
+        lines = _scan(self.path)
+        bad = [ln for ln in lines if ln.record is None]
+        if not bad:
+            return 0
+        _append_synced(self.rejected_path, b"".join(ln.raw + b"\n" for ln in bad))
+        atomic_write_bytes(self.path, b"".join(ln.raw + b"\n" for ln in lines if ln.record is not None),
+                           what="records file", hint=self.RESUME_HINT)
+        warnings.warn(f"{self.path}: {len(bad)} line(s) are not records and were moved to {self.rejected_path.name} "
+                      f"({_describe_bad(bad)})", RecordWarning, stacklevel=3)
+        return len(bad)
 
     def append(self, record: Record | dict) -> None:
+        """Append one record, whole or not at all.  A write failure (disk full, I/O error, read-only
+        folder) cuts the file back to its previous size and raises :class:`StorageError`.  A record
+        that fails the schema (``validate_record``) raises ValueError and is not written."""
         rec = asdict(record) if isinstance(record, Record) else dict(record)
         line = (json.dumps(rec, sort_keys=True, allow_nan=True, default=_json_default) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair_tail()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        why = validate_record(json.loads(line))
+        if why:
+            raise ValueError(f"not writing an invalid record to {self.path}: {why}")
         try:
-            written = os.write(fd, line)
-            while written < len(line):  # a short write is continued, never interleaved
-                written += os.write(fd, line[written:])
-            os.fsync(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair_tail()
+            if not self._checked:
+                self.set_aside_bad_lines()
+                self._checked = True
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise StorageError(self.path, e, what="a record to", hint=self.RESUME_HINT) from e
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                write_all(fd, line)  # O_APPEND: every piece lands at the end
+                os.fsync(fd)
+            except OSError as e:
+                try:  # no cut line: back to the previous size
+                    os.ftruncate(fd, size)
+                except OSError:
+                    pass  # the cut line stays unterminated: readers skip it, the next append moves it aside
+                raise StorageError(self.path, e, what="a record to", hint=self.RESUME_HINT) from e
         finally:
             os.close(fd)
 
@@ -131,32 +297,47 @@ class RecordStore:
         return iter(self.load())
 
     def load(self) -> list[dict]:
+        """The records in the file (lines that are not records are skipped with a warning)."""
         return load_records(self.path)
 
     def done_keys(self) -> set[tuple]:
         return {record_key(r) for r in self.load() if r.get("status") in ("ok", "diverged")}
 
 
+def _append_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def load_records(*paths: str | os.PathLike) -> list[dict]:
-    """Every complete record in the given JSONL files (or folders holding records.jsonl)."""
+    """Every record in the given JSONL files (or folders: every ``*.jsonl`` below them).
+
+    Read-only: a line that is not a record (not UTF-8, not JSON, not an object, missing fields, wrong
+    types; see :func:`validate_record`) is skipped with one :class:`RecordWarning` per file naming its
+    line numbers; an unterminated last line (a killed write) is skipped silently; an unreadable file is
+    skipped with a warning.
+    """
     out = []
     for p in paths:
         p = Path(p)
         files = sorted(p.rglob("*.jsonl")) if p.is_dir() else [p]
         for f in files:
-            if not f.exists():
+            if not f.is_file():
                 continue
-            with open(f, "rb") as fh:
-                for raw in fh:
-                    if not raw.endswith(b"\n"):
-                        continue  # unterminated tail of a killed write: not a record
-                    raw = raw.strip()
-                    if not raw:
-                        continue
-                    try:
-                        out.append(json.loads(raw))
-                    except json.JSONDecodeError:
-                        continue
+            try:
+                lines = _scan(f)
+            except OSError as e:
+                warnings.warn(f"{f}: cannot read records ({e.strerror or e}); skipped", RecordWarning, stacklevel=2)
+                continue
+            bad = [ln for ln in lines if ln.record is None]
+            if bad:
+                warnings.warn(f"{f}: {len(bad)} line(s) are not records and were skipped ({_describe_bad(bad)})",
+                              RecordWarning, stacklevel=2)
+            out.extend(ln.record for ln in lines if ln.record is not None)
     return out
 
 

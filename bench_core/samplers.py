@@ -21,12 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .limits import MAX_SAMPLER_INT, too_large
 from .seeding import BrownianPath, randn_like
 
 
 @dataclass(frozen=True)
 class Opt:
-    """One sampler option: its type, default and (optionally) the allowed values or range."""
+    """One sampler option: its type, default and (optionally) the allowed values or range.  A number must be
+    finite; an integer option with no ``max`` is held below ``bench_core.limits.MAX_SAMPLER_INT`` (it counts
+    steps or evaluations, e.g. Langevin's T) unless the caller allows large values."""
 
     type: type
     default: Any
@@ -35,7 +38,7 @@ class Opt:
     max: float | None = None
     help: str = ""
 
-    def check(self, name: str, value) -> str | None:
+    def check(self, name: str, value, allow_large: bool = False) -> str | None:
         t = self.type
         ok = isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
         if t is float and isinstance(value, int) and not isinstance(value, bool):
@@ -50,6 +53,8 @@ class Opt:
             return f"option {name!r} must be >= {self.min}, got {value!r}"
         if self.max is not None and value > self.max:
             return f"option {name!r} must be <= {self.max}, got {value!r}"
+        if t is int and self.max is None and not allow_large and value > MAX_SAMPLER_INT:
+            return too_large(f"option {name!r}:", value, MAX_SAMPLER_INT, "MAX_SAMPLER_INT")
         return None
 
 
@@ -62,14 +67,15 @@ class SamplerSpec:
     paper: str = ""
     stochastic: bool = False
 
-    def validate(self, opts: dict) -> list[str]:
+    def validate(self, opts: dict, allow_large: bool = False) -> list[str]:
+        """Every problem with ``opts`` (unknown options, wrong types, values outside their ranges)."""
         errors = []
         for k, v in opts.items():
             if k not in self.options:
                 known = ", ".join(self.options) or "none"
                 errors.append(f"sampler {self.name!r} has no option {k!r} (known: {known})")
                 continue
-            msg = self.options[k].check(k, v)
+            msg = self.options[k].check(k, v, allow_large)
             if msg:
                 errors.append(f"sampler {self.name!r}: {msg}")
         return errors

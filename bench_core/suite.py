@@ -20,8 +20,11 @@ Every problem in the file is reported at once, before any work starts.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
+import math
+import os
 import statistics
 import time
 import traceback
@@ -30,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from . import records as rec
 from .data import to_uint8
+from .limits import (HARD_MAX_SEED_PRODUCT, HARD_MAX_TRAIN_SEED, MAX_NUM_SAMPLES, MAX_RUNS, MAX_SEED, MAX_STEPS,
+                     MAX_TIMING_REPEATS, SAMPLE_SEED_STRIDE, HOW_TO_RAISE, too_large)
 from .records import Record, RecordStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -43,11 +47,15 @@ TOP_KEYS = {"name": str, "description": str, "defaults": dict, "entries": list, 
 ENTRY_KEYS = {
     "name": str, "reproduction": str, "model": str, "model_overrides": dict, "sampler": str,
     "sampler_opts": dict, "grid": dict, "steps": (int, list), "num_samples": int, "batch_size": int,
-    "seeds": (int, list), "train_seeds": (int, list), "timing_repeats": int, "description": str,
+    "seeds": (int, list), "train_seeds": (int, list), "timing_repeats": int, "description": str, "timeout": (float, int),
 }
 REQUIRED_ENTRY_KEYS = ("name", "reproduction", "model", "sampler", "steps")
-DEFAULTABLE = {"num_samples", "batch_size", "seeds", "train_seeds", "timing_repeats", "grid", "model_overrides"}
+DEFAULTABLE = {"num_samples", "batch_size", "seeds", "train_seeds", "timing_repeats", "grid", "model_overrides",
+               "timeout"}
 GRID_KEYS = {"kind": (str, list), "rho": (float, int, list), "sigma_min": (float, int), "sigma_max": (float, int)}
+TIMESTEP_GRIDS = ("uniform", "quadratic")  # DDPM/DDIM timestep subsets: discrete-time models only, steps <= T
+DEFAULT_GRID = "uniform"                   # an entry without a grid
+# size bounds (steps, num_samples, seeds, training steps, ...; lifted by --allow-large): bench_core/limits.py
 PREVIEW_IMAGES = 16
 PREVIEW_POINTS = 512
 
@@ -89,6 +97,7 @@ class Run:
     timing_repeats: int = 0
     model_hash: str = ""
     train_seed: int = 0
+    timeout: float | None = None  # seconds (suite key 'timeout'); None: no limit of its own
 
     def key(self) -> tuple:
         return rec.record_key({**asdict(self)})
@@ -110,18 +119,28 @@ class Suite:
 # --------------------------------------------------------------------------------------------
 # Loading and validation
 # --------------------------------------------------------------------------------------------
+def _known_suites() -> str:
+    known = sorted(x.stem for x in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
+    return f"known suites: {', '.join(known) or 'none'} (in {SUITES_DIR})"
+
+
 def resolve_suite_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise FileNotFoundError(f"suite file {p} does not exist")
+    """The file a ``--suite`` value names.  A bare name (no folder, no .yaml) of a suite in ``benchmarks/suites``
+    is that suite, even when the working directory holds a file or folder of the same name (write ``./NAME`` for
+    that one); anything else is a path to a file.  FileNotFoundError, naming the known suites, otherwise."""
+    text = str(name_or_path)
+    p = Path(text)
+    if p.suffix not in (".yaml", ".yml") and not any(c in text for c in "/\\") and text not in ("", ".", ".."):
+        cand = SUITES_DIR / f"{text}.yaml"
+        if cand.is_file():
+            return cand
+    if p.is_dir():
+        raise FileNotFoundError(f"{p} is a folder, not a suite file; give a .yaml file or a suite name ({_known_suites()})")
+    if p.exists():
         return p
-    cand = SUITES_DIR / f"{name_or_path}.yaml"
-    if cand.exists():
-        return cand
-    known = sorted(x.stem for x in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.exists() else []
-    raise FileNotFoundError(f"no suite named {name_or_path!r}; known suites: {', '.join(known) or 'none'} "
-                            f"(in {SUITES_DIR}), or pass a path to a .yaml file")
+    if p.suffix in (".yaml", ".yml") or any(c in text for c in "/\\"):
+        raise FileNotFoundError(f"suite file {p} does not exist")
+    raise FileNotFoundError(f"no suite named {text!r}; {_known_suites()}, or pass a path to a .yaml file")
 
 
 def _type_ok(v, t) -> bool:
@@ -143,14 +162,22 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def load_suite(name_or_path: str, train_seed_offset: int = 0) -> Suite:
-    """Read, validate and expand a suite.  Raises SuiteError listing every problem."""
-    path = resolve_suite_path(name_or_path)
+def load_suite(name_or_path: str, train_seed_offset: int = 0, allow_large: bool = False) -> Suite:
+    """Read, validate and expand a suite.  Raises SuiteError listing every problem, for a file that cannot be
+    found, read or parsed (``bench_core.suite_yaml``: duplicate keys, alias bombs, deep nesting, not UTF-8) as for
+    its content.  ``allow_large``: lift the size bounds of ``bench_core/limits.py``."""
+    from .suite_yaml import SuiteFileError, read_suite_file
+
+    source = str(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SuiteError(str(path), [f"not valid YAML: {e}"]) from None
-    return parse_suite(data, str(path), train_seed_offset=train_seed_offset)
+        path = resolve_suite_path(name_or_path)
+        source = str(path)
+        data = read_suite_file(path)
+    except SuiteFileError as e:
+        raise SuiteError(source, e.problems) from None
+    except (OSError, ValueError) as e:  # FileNotFoundError from resolve_suite_path; a path the OS refuses
+        raise SuiteError(source, [str(e)]) from None
+    return parse_suite(data, source, train_seed_offset=train_seed_offset, allow_large=allow_large)
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -161,12 +188,138 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def parse_suite(data: Any, source: str = "<suite>", train_seed_offset: int = 0) -> Suite:
-    """Validate and expand a suite (a parsed YAML mapping).  ``train_seed_offset`` is added to every entry's
-    training seeds (``train_seeds``, default [0]): the same suite with freshly trained models."""
-    import reproductions
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _grid_problems(grid: dict, known: tuple) -> tuple[list[str], list[dict]]:
+    """Problems of an entry's ``grid`` mapping (each message starts after ``.grid``) and its expansion into one
+    mapping per (kind, values) combination."""
+    msgs = []
+    for k, v in grid.items():
+        if k not in GRID_KEYS:
+            msgs.append(f": unknown key {k!r} (known: {', '.join(GRID_KEYS)})")
+        elif isinstance(v, list) and not v:
+            msgs.append(f".{k}: an empty list")
+        elif not all(_type_ok(x, GRID_KEYS[k]) for x in _as_list(v)):
+            msgs.append(f".{k}: expected {_tname(GRID_KEYS[k])}, got {v!r}")
+        elif k != "kind" and not all(_finite(x) and x > 0 for x in _as_list(v)):
+            msgs.append(f".{k}: must be a finite number > 0, got {v!r}")
+    kinds = _as_list(grid.get("kind", DEFAULT_GRID))
+    for kind in kinds:
+        if not isinstance(kind, str):
+            msgs.append(f".kind: expected a grid name or a list of them, got {kind!r}")
+        elif kind not in known:
+            msgs.append(f".kind: unknown grid {kind!r} (known: {', '.join(known)})")
+    smin, smax = grid.get("sigma_min"), grid.get("sigma_max")
+    if _finite(smin) and _finite(smax) and 0 < smax <= smin:
+        msgs.append(f": sigma_min must be below sigma_max, got sigma_min {smin!r} >= sigma_max {smax!r}")
+    if msgs:
+        return msgs, []
+    gkeys = [k for k in grid if k != "kind"]
+    gvals = [_as_list(grid[k]) for k in gkeys]
+    return [], [{"kind": kind, **dict(zip(gkeys, combo))} for kind in kinds for combo in itertools.product(*gvals)]
+
+
+def _seed_problem(seeds: list, hard_max: int, allow_large: bool, offset: int = 0) -> str | None:
+    """What is wrong with a list of seeds (after adding ``offset``): not non-negative integers, above
+    ``MAX_SEED`` (unless ``allow_large``) or above ``hard_max`` (always); None when nothing is."""
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        return "expected non-negative integers"
+    top = max(seeds) + offset
+    if top > hard_max:
+        return f"{top} is above the largest seed the generators take here ({hard_max:_})"
+    if not allow_large and top > MAX_SEED:
+        return too_large("seed", top, MAX_SEED, "MAX_SEED")
+    return None
+
+
+@dataclass
+class Sampling:
+    """What one suite entry (or one ``evaluate`` sampler) samples, as validated: the sampler's spec, each option's
+    values, the grid combinations, the step counts and the seeds (their product is the entry's runs)."""
+
+    spec: Any
+    opt_values: dict
+    grid_list: list
+    steps: list
+    seeds: list
+
+
+def sampling_problems(e: dict, where: str = "", *, model: str | None = None, timesteps: int | None = None,
+                      allow_large: bool = False) -> tuple[list[str], Sampling]:
+    """Every problem with what an entry samples: ``sampler``, ``sampler_opts``, ``grid``, ``steps`` (with ``model``
+    given: a timestep-subset grid needs ``timesteps``, the model's T, and at most T steps; None is a continuous-time
+    model), ``num_samples``, ``batch_size``, ``timing_repeats``, ``seeds``, ``timeout`` -- each message prefixed by
+    ``where`` and the key.  Shared by ``parse_suite`` and ``bench_core.api.evaluate``: the one validator."""
     from .samplers import SAMPLERS, load_all
     from .schedules import GRIDS
+
+    load_all()
+    problems: list[str] = []
+    # sampler and options: each value checked once (the options expand into their product)
+    spec = None
+    if isinstance(e.get("sampler"), str):
+        spec = SAMPLERS.get(e["sampler"])
+        if spec is None:
+            problems.append(f"{where}.sampler: unknown sampler {e['sampler']!r} (registered: {', '.join(sorted(SAMPLERS))})")
+    opts = e.get("sampler_opts") or {}
+    opt_values: dict[str, list] = {}
+    if spec is not None and isinstance(opts, dict):
+        opt_values = {k: _as_list(v) for k, v in opts.items()}
+        if any(len(v) == 0 for v in opt_values.values()):
+            problems.append(f"{where}.sampler_opts: an option has an empty list")
+        msgs = list(dict.fromkeys(m for k, vs in opt_values.items() for v in vs
+                                  for m in spec.validate({k: v}, allow_large=allow_large)))
+        problems += [f"{where}.sampler_opts: {m}" for m in msgs]
+    # grid
+    grid = e.get("grid") or {"kind": DEFAULT_GRID}
+    grid_list: list[dict] = [{"kind": DEFAULT_GRID}]
+    if isinstance(grid, dict):
+        gmsgs, grid_list = _grid_problems(grid, GRIDS)
+        problems += [f"{where}.grid{m}" for m in gmsgs]
+    # steps, seeds, sizes
+    steps = _as_list(e.get("steps", []))
+    if not steps or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps):
+        problems.append(f"{where}.steps: expected a positive integer or a list of them, got {e.get('steps')!r}")
+    elif not allow_large and max(steps) > MAX_STEPS:
+        problems.append(too_large(f"{where}.steps:", max(steps), MAX_STEPS, "MAX_STEPS"))
+    elif model is not None:  # a timestep-subset grid: a discrete-time model, steps <= its T
+        T = timesteps
+        for kind in dict.fromkeys(g["kind"] for g in grid_list if g["kind"] in TIMESTEP_GRIDS):
+            what = f"grid kind {kind!r}" + (" (the default when an entry gives no grid)" if "grid" not in e else "")
+            if T is None:
+                problems.append(f"{where}.grid: {what} takes DDPM/DDIM timesteps and needs a discrete-time model; "
+                                f"{model} is continuous-time: use karras, geometric or linear")
+            elif max(steps) > T:
+                problems.append(f"{where}.steps: {max(steps)} steps on {what} are more than the model's T = {T} "
+                                f"timesteps; use at most {T} steps, or a continuous grid (karras, linear)")
+    num_samples = e.get("num_samples", 64)
+    batch_size = e.get("batch_size", num_samples)
+    for k, v in (("num_samples", num_samples), ("batch_size", batch_size), ("timing_repeats", e.get("timing_repeats", 0))):
+        if isinstance(v, int) and not isinstance(v, bool) and v < (0 if k == "timing_repeats" else 1):
+            problems.append(f"{where}.{k}: must be {'>= 0' if k == 'timing_repeats' else '>= 1'}, got {v}")
+    for k, bound, bname in (("num_samples", MAX_NUM_SAMPLES, "MAX_NUM_SAMPLES"),
+                            ("timing_repeats", MAX_TIMING_REPEATS, "MAX_TIMING_REPEATS")):
+        v = e.get(k)
+        if isinstance(v, int) and not isinstance(v, bool) and not allow_large and v > bound:
+            problems.append(too_large(f"{where}.{k}:", v, bound, bname))
+    n = num_samples if isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples >= 1 else 1
+    seeds = _as_list(e.get("seeds", [0]))
+    msg = _seed_problem(seeds, (HARD_MAX_SEED_PRODUCT - (n - 1)) // SAMPLE_SEED_STRIDE, allow_large)
+    if msg:
+        problems.append(f"{where}.seeds: {msg}" + ("" if "expected" not in msg else f", got {e.get('seeds')!r}"))
+    return problems, Sampling(spec, opt_values, grid_list, steps, seeds)
+
+
+def parse_suite(data: Any, source: str = "<suite>", train_seed_offset: int = 0, allow_large: bool = False) -> Suite:
+    """Validate and expand a suite (a parsed YAML mapping): the one validator, used by ``diffbench run`` /
+    ``validate`` and by ``evaluate``.  Every problem is collected and raised at once as SuiteError.
+    ``train_seed_offset`` is added to every entry's training seeds (``train_seeds``, default [0]): the same suite
+    with freshly trained models.  ``allow_large`` lifts the size bounds of ``bench_core/limits.py`` (steps,
+    num_samples, seeds, training steps, ...); the hard limits hold regardless."""
+    import reproductions
+    from .samplers import load_all
 
     load_all()
     problems: list[str] = []
@@ -197,6 +350,7 @@ def parse_suite(data: Any, source: str = "<suite>", train_seed_offset: int = 0) 
 
     runs: list[Run] = []
     seen_names: set[str] = set()
+    total_runs = 0
     for i, e in enumerate(entries):
         where = f"entries[{i}]"
         if not isinstance(e, dict):
@@ -228,70 +382,42 @@ def parse_suite(data: Any, source: str = "<suite>", train_seed_offset: int = 0) 
             except KeyError as err:
                 problems.append(f"{where}.reproduction: {err.args[0]}")
                 bad = True
+        cfg = None  # the model's finished config, once its overrides are known to be good
         if rep is not None and isinstance(e.get("model"), str):
-            errs = rep.override_errors(e["model"], e.get("model_overrides") or {})
+            errs = rep.override_errors(e["model"], e.get("model_overrides") or {}, allow_large=allow_large)
             for m in errs:
                 problems.append(f"{where}.model_overrides: {m}" if not m.startswith("unknown model") else f"{where}.model: {m}")
             bad |= bool(errs)
-        # sampler and options
-        spec = None
-        if isinstance(e.get("sampler"), str):
-            spec = SAMPLERS.get(e["sampler"])
-            if spec is None:
-                problems.append(f"{where}.sampler: unknown sampler {e['sampler']!r} (registered: {', '.join(sorted(SAMPLERS))})")
-                bad = True
-        opts = e.get("sampler_opts") or {}
-        opt_grid: list[dict] = [{}]
-        if spec is not None and isinstance(opts, dict):
-            keys = list(opts)
-            values = [_as_list(opts[k]) for k in keys]
-            if any(len(v) == 0 for v in values):
-                problems.append(f"{where}.sampler_opts: an option has an empty list")
-                bad = True
-            opt_grid = [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-            msgs = sorted({m for o in opt_grid for m in spec.validate(o)})
-            problems += [f"{where}.sampler_opts: {m}" for m in msgs]
-            bad |= bool(msgs)
-        # grid
-        grid = e.get("grid") or {"kind": "uniform"}
-        grid_list: list[dict] = [{"kind": "uniform"}]
-        if isinstance(grid, dict):
-            for k, v in grid.items():
-                if k not in GRID_KEYS:
-                    problems.append(f"{where}.grid: unknown key {k!r} (known: {', '.join(GRID_KEYS)})")
-                    bad = True
-                elif not all(_type_ok(x, GRID_KEYS[k]) for x in _as_list(v)):
-                    problems.append(f"{where}.grid.{k}: expected {_tname(GRID_KEYS[k])}, got {v!r}")
-                    bad = True
-            kinds = _as_list(grid.get("kind", "uniform"))
-            for kind in kinds:
-                if kind not in GRIDS:
-                    problems.append(f"{where}.grid.kind: unknown grid {kind!r} (known: {', '.join(GRIDS)})")
-                    bad = True
-            gkeys = [k for k in grid if k != "kind" and k in GRID_KEYS]
-            gvals = [_as_list(grid[k]) for k in gkeys]
-            grid_list = [{"kind": kind, **dict(zip(gkeys, combo))} for kind in kinds for combo in itertools.product(*gvals)]
-        # steps, seeds, sizes
-        steps = _as_list(e.get("steps", []))
-        if not steps or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps):
-            problems.append(f"{where}.steps: expected a positive integer or a list of them, got {e.get('steps')!r}")
-            bad = True
-        seeds = _as_list(e.get("seeds", [0]))
-        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-            problems.append(f"{where}.seeds: expected non-negative integers, got {e.get('seeds')!r}")
-            bad = True
-        train_seeds = _as_list(e.get("train_seeds", [0]))
-        if not train_seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in train_seeds):
-            problems.append(f"{where}.train_seeds: expected non-negative integers, got {e.get('train_seeds')!r}")
-            bad = True
+            if not errs:
+                cfg = rep.model_config(e["model"], e.get("model_overrides") or {})
+        # what it samples: sampler, options, grid, steps (against the model's T), sizes, seeds
+        timesteps = rep.timesteps(e["model"], cfg) if cfg is not None else None
+        msgs, sm = sampling_problems(e, where, model=f"{e['reproduction']}/{e['model']}" if cfg is not None else None,
+                                     timesteps=timesteps, allow_large=allow_large)
+        problems += msgs
+        bad |= bool(msgs)
+        spec, opt_values, grid_list, steps, seeds = sm.spec, sm.opt_values, sm.grid_list, sm.steps, sm.seeds
         num_samples = e.get("num_samples", 64)
         batch_size = e.get("batch_size", num_samples)
-        for k, v in (("num_samples", num_samples), ("batch_size", batch_size), ("timing_repeats", e.get("timing_repeats", 0))):
-            if isinstance(v, int) and not isinstance(v, bool) and v < (0 if k == "timing_repeats" else 1):
-                problems.append(f"{where}.{k}: must be {'>= 0' if k == 'timing_repeats' else '>= 1'}, got {v}")
-                bad = True
+        train_seeds = _as_list(e.get("train_seeds", [0]))
+        msg = _seed_problem(train_seeds, HARD_MAX_TRAIN_SEED, allow_large, offset=int(train_seed_offset))
+        if msg:
+            problems.append(f"{where}.train_seeds: {msg}" + ("" if "expected" not in msg else f", got {e.get('train_seeds')!r}"))
+            bad = True
+        timeout = e.get("timeout")
+        if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and not (math.isfinite(timeout) and timeout >= 0):
+            problems.append(f"{where}.timeout: must be a finite number of seconds >= 0 (0: no limit), got {timeout!r}")
+            bad = True
+        # how many runs the entry expands into, before expanding it
+        n_runs = math.prod(len(v) for v in opt_values.values()) * len(grid_list) * len(steps) * len(seeds) * len(train_seeds)
+        total_runs += n_runs
+        if not allow_large and total_runs > MAX_RUNS and not bad:
+            problems.append(f"{where}: the suite expands into {total_runs:_} runs up to this entry (this one: {n_runs:_}), "
+                            f"above the bound {MAX_RUNS:_} (MAX_RUNS in bench_core/limits.py); {HOW_TO_RAISE}")
+            bad = True
         if bad:
             continue
+        opt_grid = [dict(zip(opt_values, combo)) for combo in itertools.product(*opt_values.values())]
         for ts in dict.fromkeys(int(t) + int(train_seed_offset) for t in train_seeds):
             # training seed 0 is the preset as written (its checkpoint hash unchanged); another seed offsets
             # every seed of the model's training (network init, batches, ...)
@@ -305,7 +431,8 @@ def parse_suite(data: Any, source: str = "<suite>", train_seed_offset: int = 0) 
                     model_overrides=overrides, sampler=e["sampler"],
                     sampler_opts=spec.resolve(o), grid=dict(g), steps=int(s), seed=int(seed),
                     num_samples=int(num_samples), batch_size=int(min(batch_size, num_samples)),
-                    timing_repeats=int(e.get("timing_repeats", 0)), model_hash=model_hash, train_seed=ts))
+                    timing_repeats=int(e.get("timing_repeats", 0)), model_hash=model_hash, train_seed=ts,
+                    timeout=float(e["timeout"]) if e.get("timeout") else None))
     if problems:
         raise SuiteError(source, problems)
     return Suite(name=name, source=source, description=data.get("description", ""), runs=runs,
@@ -368,7 +495,7 @@ def _preview(samples: torch.Tensor, kind: str) -> dict:
 
 def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None) -> Record:
     """Sample one run with the counted denoiser, time it, measure its memory and metrics."""
-    from .denoiser import NFECounter
+    from .denoiser import CheckedDenoiser, NFECounter
     from .measure import PeakMemory, Stopwatch, device_name, synchronize
     from .samplers import get_sampler
     from .schedules import make_grid
@@ -378,7 +505,8 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
     grid = dict(run.grid)
     kind = grid.pop("kind", "uniform")
     sigmas = make_grid(kind, run.steps, lm.denoiser, **grid).to(device)
-    counter = NFECounter(lm.denoiser)
+    checked = CheckedDenoiser(lm.denoiser)  # the output contract (tensor, shape, dtype) and the time limit
+    counter = NFECounter(checked)
     seeds = [sample_seed(run.seed, i) for i in range(run.num_samples)]
     batches = [seeds[i:i + run.batch_size] for i in range(0, len(seeds), run.batch_size)]
     from .distributed import capture_errors, current, merge_run
@@ -406,7 +534,7 @@ def run_one(run: Run, lm, metrics: _Metrics, device: torch.device, on_batch=None
             # warm-up: one denoiser call at the batch size (allocations, lazy init), not counted
             b0 = mine[0]
             xw = torch.zeros((len(batches[b0]), *lm.sample_shape), device=device)
-            dw = lm.denoiser(xw, sigmas[:1].expand(len(xw)), **cond_for(b0))
+            dw = checked(xw, sigmas[:1].expand(len(xw)), **cond_for(b0))
             if decode is not None:
                 decode(dw)
             synchronize(device)
@@ -490,32 +618,169 @@ def error_record(run: Run, device: torch.device, err: BaseException, model_hash:
         versions=rec.versions(), timestamp=rec.now(), status="error", error=msg[:2000])
 
 
+def describe(run: Run) -> str:
+    """A run in a few words, for messages: entry, sampler, steps, seed."""
+    return f"{run.entry} ({run.sampler} S={run.steps}, seed {run.seed})"
+
+
+def run_guarded(run: Run, lm, metrics: _Metrics, device: torch.device, *, timeout: float | None = None,
+                on_batch=None, log=print) -> Record | None:
+    """One run with the harness's guards, the same for ``diffbench run`` and ``evaluate``: a run that raises,
+    breaks the denoiser contract (``CheckedDenoiser``) or goes past ``timeout`` seconds becomes an ``error``
+    record saying why, and the caller goes on with the next run.  None on the non-zero ranks of a distributed
+    run (rank 0 writes).  A lost rank (DistributedError) and SIGINT / SIGTERM (Interrupted) stop everything."""
+    from .distributed import DistributedError
+    from .guard import Interrupted, time_limit
+
+    t0 = time.perf_counter()
+    try:
+        with time_limit(min((t for t in (timeout, run.timeout) if t), default=None)):  # the tighter limit
+            record = run_one(run, lm, metrics, device, on_batch=on_batch)
+    except (DistributedError, Interrupted) as err:
+        err.where = describe(run)  # for the message that tells the user what was running
+        raise
+    except rec.StorageError:  # the cache or output disk is full or failing: every later run would fail too
+        raise
+    except Exception as err:
+        record = error_record(run, device, err, lm.model_hash)
+        record.error += "\n" + "".join(traceback.format_exception(err)[-3:])[:1500]
+        log(f"error in {describe(run)}: {type(err).__name__}: {err}")
+    if record is not None:
+        record.wall_sec = time.perf_counter() - t0
+    return record
+
+
+class OutputError(RuntimeError):
+    """The output folder cannot take the run's records (not a writable folder, locked by another run, disk full).
+    ``during_run``: raised after work started (a write failed) rather than before any work."""
+
+    def __init__(self, message: str, during_run: bool = False):
+        super().__init__(message)
+        self.during_run = during_run
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and prove it takes a file (a probe written and removed); OutputError otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} exists and is not a folder; give another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".diffbench-probe-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"probe")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(f"{what} {path} is not writable ({e.strerror or e}); give a writable folder") from None
+
+
+class OutputLock:
+    """``out/.lock`` holding the writer's pid: a second run into the same folder is refused while the first
+    lives; a lock left by a process that no longer exists is taken over."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".lock"
+        self.held = False
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and self._alive(pid):
+                    raise OutputError(f"another diffbench run (pid {pid}) is writing to {self.path.parent}; wait "
+                                      f"for it to finish or give another --out (remove {self.path} if that process "
+                                      f"is not diffbench)") from None
+                self.path.unlink(missing_ok=True)  # stale: its writer is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise OutputError(f"could not take the lock {self.path}; remove it if no diffbench run is using it")
+
+    def __exit__(self, *exc):
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        return False
+
+
+def _append(store: RecordStore, record: Record) -> None:
+    """Append one record, whole or not at all: SIGINT / SIGTERM wait until it is written; a failed write (disk
+    full, I/O error) stops the run with one message (the store leaves no cut line)."""
+    from .guard import deferred
+
+    try:
+        with deferred():
+            store.append(record)
+    except OSError as e:
+        raise OutputError(f"could not write a record to {store.path} ({e.strerror or e}); the records written so "
+                          f"far are whole; free space (or fix the folder) and continue with --resume", during_run=True) from None
+    _test_hold(store)
+
+
+def _test_hold(store: RecordStore) -> None:
+    """Test hook: with DIFFBENCH_TEST_HOLD_AFTER=N, after the N-th record this process wrote, announce it on
+    stderr and wait (up to 120 s), so a test's signal or kill lands mid-run for certain."""
+    n = os.environ.get("DIFFBENCH_TEST_HOLD_AFTER")
+    if not n:
+        return
+    _test_hold.count = getattr(_test_hold, "count", 0) + 1
+    if _test_hold.count == int(n):
+        import sys
+
+        print(f"DIFFBENCH_TEST_HOLD_AFTER: holding after record {_test_hold.count} (test hook)", file=sys.stderr,
+              flush=True)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            time.sleep(0.05)
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT}
+
+
 def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
               cache_dir: str | Path | None = None, progress: bool = True, inception_weights: str | None = None,
-              log=print) -> dict:
+              timeout: float | None = None, log=print) -> dict:
     """Run every (not yet recorded, with resume) run of the suite; one record per run.
 
-    Returns a summary {"ran", "skipped", "ok", "diverged", "error", "records"}.
+    ``timeout``: seconds per run (with a run's own ``timeout``, the tighter one); a run past it is an error record.
+    Returns a summary {"ran", "skipped", "ok", "diverged", "error", "records"}.  Raises PreflightError or
+    OutputError before any work when a model, dataset or folder is not usable, OutputError when a record
+    cannot be written, and :class:`bench_core.guard.Interrupted` on SIGINT / SIGTERM (inside ``stop_on_signals``).
     """
-    from tqdm.auto import tqdm
-
     import reproductions
 
+    from .distributed import current
     from .measure import resolve_device
     from .train import default_cache_dir
-
-    from .distributed import DistributedError, current
 
     dev = resolve_device(device)
     dist = current()  # torchrun: only rank 0 writes; see bench_core/distributed.py
     if dist is not None:
         dev, progress = dist.device(dev), progress and dist.is_main
+    writer = dist is None or dist.is_main  # rank 0 writes every record
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     out = Path(out_dir)
     store = RecordStore(out / "records.jsonl")
     done = store.done_keys() if resume else set()
-    if dist is not None and not dist.is_main:
-        store.append = lambda record: None  # rank 0 writes every record
     todo = [r for r in suite.runs if r.key() not in done]
     # preflight: every model's data and cached checkpoint, before anything is run or written
     problems = []
@@ -524,10 +789,27 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
         problems += reproductions.get(rep_name).preflight(model, json.loads(ov), cache_dir=cache / "checkpoints")
     if problems:
         raise PreflightError(problems)
+    # then the folders (created here, so not before a preflight that refuses the suite)
+    if writer:
+        check_writable_dir(out, "--out")
+    check_writable_dir(cache, "--cache-dir")
+    with OutputLock(out) if writer else contextlib.nullcontext():
+        return _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progress, inception_weights,
+                         timeout, log)
+
+
+def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progress, inception_weights, timeout, log):
+    from tqdm.auto import tqdm
+
+    import reproductions
+
+    from .distributed import DistributedError
+    from .guard import Interrupted
+
     # Denormal floats (e.g. SiLU of large negative activations) slow CPU kernels by ~20 %; flushing them
     # to zero changes no result above 1e-38.  See README, "Measurement protocol".
     torch.set_flush_denormal(True)
-    if (dist is None or dist.is_main) and not resume and store.path.exists() and store.path.stat().st_size > 0:
+    if writer and not resume and store.path.exists() and store.path.stat().st_size > 0:
         backup = store.path.with_name(f"records-{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")
         store.path.rename(backup)
         log(f"note: {out} already held records; moved them to {backup.name} (use --resume to keep and skip them)")
@@ -542,6 +824,12 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
     for r in todo:
         groups.setdefault((r.reproduction, r.model, json.dumps(r.model_overrides, sort_keys=True)), []).append(r)
 
+    def keep(record: Record) -> None:
+        if writer:
+            _append(store, record)
+        summary[record.status] += 1
+        summary["ran"] += 1
+
     bar = tqdm(total=sum(r.work() for r in todo), desc=f"suite {suite.name}", unit="step·sample",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
@@ -554,38 +842,33 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
                                       progress=progress)
             try:  # distributed: rank 0 trains (or loads) first, then the others load from the cache
                 lm = load() if dist is None else dist.rank0_first(load, f"loading {rep_name}/{model}")
-            except DistributedError:
+            except (DistributedError, Interrupted):
+                raise
+            except OSError as err:
+                if err.errno in _DISK_ERRNOS:  # the cache cannot take the checkpoint: stop, do not fail every run
+                    raise OutputError(f"{rep_name}/{model}: could not write to the cache {cache} ({err.strerror}); "
+                                      f"free space and continue with --resume", during_run=True) from None
                 raise
             except Exception as err:  # the model could not be trained/loaded: every run of it fails
                 log(f"error: {rep_name}/{model}: {type(err).__name__}: {err}")
                 for r in runs:
-                    store.append(error_record(r, dev, err))
-                    summary["error"] += 1
-                    summary["ran"] += 1
+                    keep(error_record(r, dev, err))
                     bar.update(r.work())
                 continue
+            load_sec = time.perf_counter() - t_load
             bar.unpause()  # training time must not count in the sampling rate behind the ETA
             for r in runs:
                 bar.set_postfix_str(f"{r.entry}: {r.sampler} {r.grid.get('kind')} S={r.steps}", refresh=False)
                 before = bar.n
-                t0 = time.perf_counter() if t_load is None else t_load
-                t_load = None
-                try:
-                    record = run_one(r, lm, metrics, dev, on_batch=bar.update)
+                record = run_guarded(r, lm, metrics, dev, timeout=timeout, on_batch=bar.update, log=log)
+                if record is not None and record.status != "error":
                     lm.train_sec = None  # training time is reported once, on the first record after training
-                except DistributedError:
-                    raise  # a rank died or timed out: stop, with no record for this run
-                except Exception as err:
-                    record = error_record(r, dev, err, lm.model_hash)
-                    record.error += "\n" + "".join(traceback.format_exception(err)[-3:])[:1500]
-                    log(f"error in {r.entry} ({r.sampler} S={r.steps}): {type(err).__name__}: {err}")
                 bar.update(max(0, r.work() - (bar.n - before)))
                 if record is None:  # not rank 0 of a distributed run: rank 0 writes the record
                     continue
-                record.wall_sec = time.perf_counter() - t0
-                store.append(record)
-                summary[record.status] += 1
-                summary["ran"] += 1
+                record.wall_sec += load_sec  # the first run of a model also counts its loading / training time
+                load_sec = 0.0
+                keep(record)
     finally:
         bar.close()
     return summary

@@ -8,22 +8,31 @@ sampling and a progress bar.
 Checkpoints are cached by a hash of the configs that produced them (:func:`config_hash`), so a
 second run with the same configs loads instead of training.  A cached file is a dict
 ``{"format": "diffbench-ckpt-1", "hash", "state_dict", "meta"}`` written atomically and read with
-``torch.load(weights_only=True)`` (no code runs from a checkpoint).
+``torch.load(weights_only=True)`` (no code runs from a checkpoint).  Beside it, ``<hash>.pt.sha256``
+holds the SHA-256 of its bytes (``sha256sum`` format), also written atomically; every load checks it
+first, so a damaged file is refused, naming the command that removes it, before it is deserialised.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
 import time
+import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from .atomic import StorageError, atomic_write_bytes, atomic_write_text
+
+from .limits import MAX_TRAIN_STEPS, ranged
 
 CKPT_FORMAT = "diffbench-ckpt-1"
 
@@ -35,16 +44,17 @@ CKPT_FORMAT = "diffbench-ckpt-1"
 class TrainConfig:
     """Optimisation settings; defaults are DDPM's CIFAR-10 run (Ho et al. 2020, Sec. 4 and App. B)."""
 
-    lr: float = 2e-4             # Adam learning rate
-    batch_size: int = 128
-    steps: int = 800_000         # CIFAR-10: 800k steps
-    warmup: int = 5000           # linear lr warm-up steps
-    grad_clip: float = 1.0       # max global gradient norm (0 = off)
-    ema_decay: float = 0.9999    # EMA of the weights (0 = no EMA)
-    seed: int = 0
-    weight_decay: float = 0.0
+    # (ranged: the values a suite's model_overrides may give, checked before any work; bench_core/limits.py)
+    lr: float = ranged(2e-4, gt=0.0)                                   # Adam learning rate
+    batch_size: int = ranged(128, ge=1)
+    steps: int = ranged(800_000, ge=1, large=("MAX_TRAIN_STEPS", MAX_TRAIN_STEPS))  # CIFAR-10: 800k steps
+    warmup: int = ranged(5000, ge=0)                                   # linear lr warm-up steps
+    grad_clip: float = ranged(1.0, ge=0.0)                             # max global gradient norm (0 = off)
+    ema_decay: float = ranged(0.9999, ge=0.0, lt=1.0)                  # EMA of the weights (0 = no EMA)
+    seed: int = ranged(0, ge=0)
+    weight_decay: float = ranged(0.0, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
+    adam_eps: float = ranged(1e-8, gt=0.0)
 
     def to_dict(self) -> dict:
         return _canonical(self)
@@ -267,7 +277,9 @@ def default_cache_dir() -> Path:
 
 
 class CheckpointCache:
-    """Trained weights keyed by config hash: ``<dir>/<hash>.pt``."""
+    """Trained weights keyed by config hash: ``<dir>/<hash>.pt`` and its checksum ``<dir>/<hash>.pt.sha256``."""
+
+    WRITE_HINT = "free space in the cache folder (--cache-dir or $DIFFBENCH_CACHE) and run again; no cut file was left"
 
     def __init__(self, dir: str | os.PathLike | None = None):
         self.dir = Path(dir).expanduser() if dir is not None else default_cache_dir()
@@ -277,11 +289,19 @@ class CheckpointCache:
             raise ValueError(f"not a checkpoint hash: {hash!r}")
         return self.dir / f"{hash}.pt"
 
+    def checksum_path(self, hash: str) -> Path:
+        """The SHA-256 sidecar of a checkpoint, in ``sha256sum`` format (``sha256sum -c`` checks it)."""
+        path = self.path(hash)
+        return path.with_name(path.name + ".sha256")
+
     def exists(self, hash: str) -> bool:
         return self.path(hash).is_file()
 
     def save(self, hash: str, model: nn.Module, meta: dict | None = None) -> Path:
-        """Write atomically: a temporary file in the same folder, fsync'd, then ``os.replace``."""
+        """Write the checkpoint, then its SHA-256 sidecar, each whole or not at all (a temporary file in
+        the same folder, fsync'd, then ``os.replace``; see ``bench_core.atomic``).  A write failure (disk
+        full, I/O error) raises ``StorageError`` naming the file; the old checkpoint, if any, stays whole.
+        The old sidecar is removed first, so no crash can pair a new checkpoint with an old checksum."""
         try:  # stored as its JSON round trip: plain types only, loadable with weights_only=True
             meta = json.loads(json.dumps(dict(meta or {}), allow_nan=True, default=_json_scalar))
         except TypeError as e:
@@ -289,32 +309,71 @@ class CheckpointCache:
         state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         obj = {"format": CKPT_FORMAT, "hash": hash, "state_dict": state, "meta": meta,
                "torch": str(torch.__version__), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        path = self.path(hash)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        buf = io.BytesIO()  # serialised in memory: a disk error is then a plain OSError, not torch's zip-writer error
+        torch.save(obj, buf)
+        data = buf.getvalue()
+        path, side = self.path(hash), self.checksum_path(hash)
         try:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+            side.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise StorageError(side, e, what="checkpoint checksum", hint=self.WRITE_HINT) from e
+        atomic_write_bytes(path, data, what="checkpoint", hint=self.WRITE_HINT)
+        atomic_write_text(side, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n", what="checkpoint checksum",
+                          hint=self.WRITE_HINT)
         return path
+
+    def _verified_bytes(self, path: Path, side: Path) -> bytes:
+        """The checkpoint's bytes, checked against its sidecar.  A checkpoint without one (written before
+        checksums existed, or a save cut between the two files) is checked with the CRC-32 its zip
+        archive holds per entry instead; the sidecar is then written by :meth:`load` once it has loaded."""
+        fix = f"delete it to retrain: rm -f '{path}' '{side}'"
+        if side.exists() and not side.is_file():
+            raise CheckpointError(f"checkpoint checksum {side} is not a file; remove it: rm -r '{side}'")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {path} cannot be read ({e.strerror or e}); {fix}") from e
+        if not side.is_file():
+            if data[:4] == b"PK\x03\x04":  # a torch zip archive; anything else fails torch.load below
+                try:
+                    with zipfile.ZipFile(io.BytesIO(data)) as z:
+                        bad = z.testzip()
+                except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+                    bad = None  # truncated or not a zip: torch.load reports it
+                if bad is not None:
+                    raise CheckpointError(f"checkpoint {path} is corrupted: entry {bad!r} fails its CRC-32 check; {fix}")
+            return data
+        try:
+            expected = side.read_text(encoding="ascii").split()[0].lower()
+        except (OSError, UnicodeDecodeError, IndexError):
+            expected = ""
+        if len(expected) != 64 or any(c not in "0123456789abcdef" for c in expected):
+            raise CheckpointError(f"checkpoint checksum {side} is damaged (no SHA-256 in it); {fix}")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 {actual[:16]}... differs from the one "
+                                  f"written when it was saved ({expected[:16]}..., in {side.name}); {fix}")
+        return data
 
     def load(self, hash: str, model: nn.Module) -> dict | None:
         """Load the cached weights into ``model`` and return the meta; None when not cached.
 
-        Raises :class:`CheckpointError` for a corrupted file (unreadable) or a mismatched one
-        (wrong format, another hash, missing/unexpected keys, shape mismatch); the model is left
-        untouched in that case.
+        Raises :class:`CheckpointError` for a cache entry that is not a file, a corrupted file (its
+        SHA-256 differs from its sidecar's, or unreadable) or a mismatched one (wrong format, another
+        hash, missing/unexpected keys, shape mismatch); the model is left untouched in that case.
+        The suite's preflight calls this for every cached checkpoint before any work.
         """
-        path = self.path(hash)
+        path, side = self.path(hash), self.checksum_path(hash)
+        if path.exists() and not path.is_file():
+            raise CheckpointError(f"checkpoint cache entry {path} is a {'folder' if path.is_dir() else 'special file'}, "
+                                  f"not a file; remove it to retrain: rm -r '{path}'")
         if not path.is_file():
             return None
+        data = self._verified_bytes(path, side)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:  # truncated zip, garbage bytes, foreign pickle, ...
             raise CheckpointError(f"checkpoint {path} is corrupted and cannot be read ({_load_failure(path, e)}); "
                                   f"delete it to retrain: rm '{path}'") from e
@@ -343,6 +402,16 @@ class CheckpointCache:
             raise CheckpointError(f"checkpoint {path} does not match the model ({'; '.join(problems)}); "
                                   f"the model code changed without changing its config hash? {fix}")
         model.load_state_dict(state, strict=True)
+        if not side.is_file():  # an older checkpoint that passed its zip CRC check and loaded: adopt it
+            try:
+                atomic_write_text(side, f"{hashlib.sha256(data).hexdigest()}  {path.name}\n",
+                                  what="checkpoint checksum")
+                warnings.warn(f"checkpoint {path} had no checksum (written by an older diffbench, or its save was "
+                              f"cut short); it passed its archive's CRC check and loaded, and its SHA-256 is now "
+                              f"kept in {side.name}")
+            except StorageError as e:
+                warnings.warn(f"checkpoint {path} has no checksum and none could be written ({e}); "
+                              "it is checked by its archive's CRC only")
         meta = obj.get("meta")
         return dict(meta) if isinstance(meta, dict) else {}
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from bench_core.limits import Range, field_range
+
 # every module of this package is a paper; they register themselves on import
 MODULES = tuple(sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if not m.name.startswith("_")))
 
@@ -129,17 +131,35 @@ class Reproduction:
             return out
         return walk(self.models[model]) if model in self.models and is_dataclass(self.models[model]) else {}
 
-    def override_errors(self, model: str, overrides: dict) -> list[str]:
-        """Every problem with a model name and its suite overrides (validated before any work starts)."""
+    def override_errors(self, model: str, overrides: dict, *, allow_large: bool = True) -> list[str]:
+        """Every problem with a model name and its suite overrides (validated before any work starts): unknown
+        fields, wrong types, values outside their fields' ranges, and with ``allow_large=False`` (what the suite
+        validator passes unless told otherwise) values above a size bound (``size_errors``)."""
         if model not in self.models:
             return [f"unknown model {model!r} for reproduction {self.name!r} (known: {', '.join(self.models)})"]
         errs = override_errors(self.models[model], overrides or {})
         if not errs:
             try:
-                self.model_config(model, overrides)  # e.g. a value outside the allowed choices
+                cfg = self.model_config(model, overrides)  # e.g. a value outside the allowed choices
             except (ValueError, TypeError, KeyError) as e:
                 errs.append(str(e))
+            else:
+                if not allow_large:
+                    errs += self.size_errors(cfg)
         return errs
+
+    def size_errors(self, cfg) -> list[str]:
+        """Values of a finished config above their fields' size bounds (e.g. training steps above
+        ``bench_core.limits.MAX_TRAIN_STEPS``), which ``--allow-large`` lifts."""
+        return size_errors(cfg)
+
+    def timesteps(self, model: str, cfg) -> int | None:
+        """T, the number of discrete timesteps of the model's denoiser (its ``sigmas`` table, of which the
+        ``uniform`` and ``quadratic`` grids take a subset of at most T steps), or None for a continuous-time model
+        (those grids are refused for it).  Default: the config's integer ``T`` field, else None; a reproduction
+        whose denoiser holds a timestep table elsewhere says so here."""
+        T = getattr(cfg, "T", None)
+        return T if isinstance(T, int) and not isinstance(T, bool) else None
 
     # what ``preflight`` checks: the datasets a model needs and the checkpoints it would load
     def required_datasets(self, cfg) -> list[tuple[str, dict]]:
@@ -174,7 +194,7 @@ class Reproduction:
         cache = CheckpointCache(cache_dir)
         for h, make in self.cached_modules(model, overrides, cfg):
             try:
-                if cache.path(h).is_file():
+                if cache.path(h).exists():  # a folder in its place is refused by load too
                     cache.load(h, make())
             except CheckpointError as e:
                 problems.append(f"{self.name}/{model}: {e}")
@@ -308,6 +328,7 @@ def override_errors(cfg, overrides: dict, path: str = "") -> list[str]:
     if not isinstance(overrides, dict):
         return [f"{path or 'model_overrides'}: expected a mapping, got {type(overrides).__name__}"]
     known = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    ranges = {f.name: field_range(f) for f in fields(cfg)}
     for k, v in overrides.items():
         if k not in known:
             errs.append(f"{path}{k}: unknown field (known: {', '.join(sorted(known))})")
@@ -318,6 +339,24 @@ def override_errors(cfg, overrides: dict, path: str = "") -> list[str]:
                 f"{path}{k}: expected a mapping of fields, got {type(v).__name__}"]
         elif cur is not None and not _same_kind(cur, v):
             errs.append(f"{path}{k}: expected {type(cur).__name__}, got {type(v).__name__} {v!r}")
+        else:  # the declared range (size bounds apart: ``size_errors``); a float must be finite whatever its field
+            msg = (ranges[k] or Range()).check(v, allow_large=True)
+            if msg:
+                errs.append(f"{path}{k}: {msg}")
+    return errs
+
+
+def size_errors(cfg, path: str = "") -> list[str]:
+    """Fields of a (nested) dataclass config above their declared size bound (``Range.large``)."""
+    errs = []
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        if is_dataclass(v):
+            errs += size_errors(v, f"{path}{f.name}.")
+        elif (r := field_range(f)) is not None and r.large is not None:
+            msg = r.check(v)
+            if msg:
+                errs.append(f"{path}{f.name}: {msg}")
     return errs
 
 

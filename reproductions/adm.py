@@ -128,6 +128,10 @@ class ADM(BuiltOnDDPM, Reproduction):
                 raise ValueError("ddpm.unet.num_classes must be set for classifier-free guidance")
         return cfg
 
+    def timesteps(self, model, cfg):
+        """The classifier-free model's own DDPM T; the guided model's base T (``BuiltOnDDPM``)."""
+        return cfg.ddpm.T if isinstance(cfg, CFGConfig) else super().timesteps(model, cfg)
+
     def classifier_hash(self, cfg: GuidedConfig) -> str:
         base = self.base_config(cfg)
         return config_hash({"family": "noisy-classifier"}, asdict(cfg.classifier), cfg.classifier_train,

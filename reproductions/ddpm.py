@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from bench_core.denoiser import DiscreteVPEpsDenoiser
+from bench_core.limits import MAX_STEPS, ranged
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.schedules import BETA_SCHEDULES, alphas_cumprod
 from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
@@ -26,10 +27,10 @@ class DDPMConfig:
 
     dataset: str = "digits"
     dataset_opts: dict = field(default_factory=dict)
-    T: int = 1000                 # Ho et al. 2020, Sec. 4
+    T: int = ranged(1000, ge=1, large=("MAX_STEPS", MAX_STEPS))  # Ho et al. 2020, Sec. 4
     beta_schedule: str = "linear"  # beta_1 = 1e-4 -> beta_T = 0.02
-    beta_1: float = 1e-4
-    beta_T: float = 0.02
+    beta_1: float = ranged(1e-4, gt=0.0, lt=1.0)
+    beta_T: float = ranged(0.02, gt=0.0, lt=1.0)
     # training objective: "simple" (L_simple, Eq. 14) or "vlb" (the true variational bound's weighting of the
     # same epsilon MSE with fixed sigma_t^2 = beta_t, Eq. 12; Table 2's "true variational bound" row)
     loss: str = "simple"
@@ -269,6 +270,16 @@ class BuiltOnDDPM:
 
     def base_hash(self, cfg) -> str:
         return DDPM_REPRO.model_hash(cfg.base_model, cfg.base_overrides)
+
+    def timesteps(self, model: str, cfg) -> int | None:
+        """The base model's T: its denoiser (wrapped: guidance, quantization, speed options) is the base's."""
+        return self.base_config(cfg).T if hasattr(cfg, "base_model") else super().timesteps(model, cfg)
+
+    def size_errors(self, cfg) -> list[str]:
+        """The base model's values above a size bound (under ``base_overrides.``), then this config's own."""
+        base = [f"base_overrides.{e}" for e in DDPM_REPRO.size_errors(self.base_config(cfg))] \
+            if hasattr(cfg, "base_model") else []
+        return base + super().size_errors(cfg)
 
     def load_base(self, cfg, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         """The base model from the ddpm checkpoint cache (trained there when missing)."""

@@ -12,7 +12,6 @@ network sees t = 250 c_noise = 62.5 ln(sigma), about [-388, 274] for sigma in [0
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -121,6 +121,10 @@ class LDM(Reproduction):
     paper_url = "https://arxiv.org/abs/2112.10752"
     models = MODELS
 
+    def timesteps(self, model, cfg: LDMConfig) -> int:
+        """The latent DDPM's T (its denoiser is discrete-time)."""
+        return cfg.diffusion.T
+
     def check_config(self, model, cfg: LDMConfig):
         ae, d = cfg.autoencoder, cfg.diffusion
         res = (d.dataset_opts or {}).get("resolution")

@@ -11,6 +11,7 @@ into the records' ``metrics``.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -19,6 +20,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from bench_core.atomic import atomic_write_text
 from bench_core.denoiser import SDEEpsDenoiser
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
@@ -166,6 +168,13 @@ class ScoreSDE(Reproduction):
     title = "Song et al. 2021 — Score-Based Generative Modeling through Stochastic Differential Equations"
     paper_url = "https://arxiv.org/abs/2011.13456"
     models = MODELS
+
+    def timesteps(self, model, cfg) -> int | None:
+        """The SDE models' uniform-in-t table (``SDEEpsDenoiser``'s ``n_grid`` times, which the ``uniform`` grid
+        takes a subset of); the exact mixture denoiser is continuous."""
+        if isinstance(cfg, ExactGMMConfig):
+            return None
+        return int(inspect.signature(SDEEpsDenoiser).parameters["n_grid"].default)
 
     def hash_config(self, cfg) -> str:
         if isinstance(cfg, ExactGMMConfig):
@@ -522,9 +531,11 @@ def _cached_bits_per_dim(den, data, lcfg: LikelihoodConfig, model_hash: str, cac
     path = Path(cache_dir) / f"bpd-{key}.json"
     if path.is_file():
         try:
-            return json.loads(path.read_text())
+            cached = json.loads(path.read_text())
+            if isinstance(cached, dict) and "bits_per_dim" in cached:
+                return cached
         except (OSError, ValueError):
-            pass
+            pass  # a garbage cache file: recomputed and overwritten
     u8_all = to_uint8(data.x)
     u8 = u8_all[-lcfg.n_images:]
     bpd = bits_per_dim(den, u8, seed=lcfg.seed, trace=lcfg.trace, probe=lcfg.probe, rtol=lcfg.rtol, atol=lcfg.atol)
@@ -535,10 +546,7 @@ def _cached_bits_per_dim(den, data, lcfg: LikelihoodConfig, model_hash: str, cac
            "gauss_bits_per_dim": float(gauss.mean()), "gauss_bits_per_dim_stderr": float(gauss.std() / math.sqrt(n)),
            "bits_per_dim_images": [round(float(v), 5) for v in bpd],
            "gauss_bits_per_dim_images": [round(float(v), 5) for v in gauss]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(out), what="likelihood cache")  # whole or not at all
     return out
 
 

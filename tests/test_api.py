@@ -31,6 +31,7 @@ def test_bad_arguments_are_reported_together_before_any_work(tmp_path):
         evaluate(GaussianDenoiser(), samplers=["nope", "ddim"], steps=[0], sampler_opts={"ddim": {"eta": "x"}},
                  grid="spiral", dataset="no-such-data", out=tmp_path / "o", progress=False)
     msg = str(e.value)
-    for part in ("nope", "eta", "steps must be positive", "unknown grid 'spiral'", "no-such-data"):
+    for part in ("unknown sampler 'nope'", "option 'eta' must be float", "steps: expected a positive integer",
+                 "unknown grid 'spiral'", "no-such-data"):
         assert part in msg, part
     assert not (tmp_path / "o").exists()

@@ -15,6 +15,15 @@ def test_counted_nfe_matches_each_samplers_cost_per_step():
     assert count_nfe("sohl_dickstein", {"kind": "uniform"}, 40, {}) == 40            # one kernel evaluation per step
 
 
+def _history_line(**fields) -> str:
+    """One earlier record (a whole one: readers skip lines that are not records) as a JSONL line."""
+    from dataclasses import asdict
+
+    from bench_core.records import Record
+
+    return json.dumps(asdict(Record(status="ok", device="cpu", **fields))) + "\n"
+
+
 def _suite(tmp_path):
     p = tmp_path / "s.yaml"
     p.write_text("""
@@ -32,8 +41,7 @@ def test_plan_estimates_time_from_earlier_records_of_the_same_model(tmp_path):
     h = suite.runs[0].model_hash
     hist = tmp_path / "hist" / "records.jsonl"
     hist.parent.mkdir()
-    hist.write_text(json.dumps({"status": "ok", "model_hash": h, "device": "cpu", "batch_size": 4, "nfe": 10,
-                                "sec_per_batch": 2.0, "train_sec": 30.0}) + "\n")
+    hist.write_text(_history_line(model_hash=h, batch_size=4, nfe=10, sec_per_batch=2.0, train_sec=30.0))
     rows = plan(suite, device="cpu", cache_dir=tmp_path / "cache", history=[hist.parent])
     assert [r.nfe for r in rows] == [5, 10, 7]
     assert [r.total_nfe for r in rows] == [40, 80, 56]
@@ -75,8 +83,7 @@ def test_dry_run_resume_lists_only_what_is_left_and_counts_timing_repeats(tmp_pa
     # timing_repeats: 0.2 s per NFE, 10 NFE, two batches + two repeats of the first
     hist = tmp_path / "hist" / "records.jsonl"
     hist.parent.mkdir()
-    hist.write_text(json.dumps({"status": "ok", "model_hash": first.model_hash, "device": "cpu", "batch_size": 4,
-                                "nfe": 10, "sec_per_batch": 2.0}) + "\n")
+    hist.write_text(_history_line(model_hash=first.model_hash, batch_size=4, nfe=10, sec_per_batch=2.0))
     suite.runs[1].timing_repeats = 2
     rows = plan(suite, device="cpu", cache_dir=tmp_path / "c", history=[hist.parent])
     assert round(rows[1].sample_sec, 6) == 0.2 * 10 * (2 + 2)

@@ -1,10 +1,4 @@
 """Suite files: validation before any work, expansion, the smoke suite end to end, crash and resume."""
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -127,35 +121,7 @@ def test_failing_entry_does_not_stop_the_suite(tmp_path, monkeypatch):
     assert by["good"]["status"] == "ok"
 
 
-def test_killed_run_keeps_records_and_resume_finishes(tmp_path):
-    suite = _tiny_suite(tmp_path)
-    out = tmp_path / "out"
-    env = {**os.environ, "DIFFBENCH_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "bench_core.cli", "run", "--suite", str(suite), "--out", str(out),
-           "--no-progress", "--no-report"]
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path = out / "records.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if path.exists() and len(load_records(path)) >= 2:
-            break
-        time.sleep(0.05)
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    first = load_records(path)
-    assert len(first) >= 2
-    for line in path.read_bytes().splitlines():
-        json.loads(line)  # no broken line
-    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    final = load_records(path)
-    assert len(final) == 7
-    keys = [(x["entry"], json.dumps(x["sampler_opts"]), x["steps"]) for x in final]
-    assert len(set(keys)) == 7  # nothing ran twice
-    assert final[: len(first)] == first  # finished records untouched
-    if len(first) < 7:
-        assert f"{len(first)} of 7 runs already recorded" in r.stdout
+# a kill mid-run followed by --resume: tests/test_guards.py (test_a_kill_mid_run_loses_nothing_and_resume_finishes)
 
 
 def test_smoke_suite_end_to_end(tmp_path):
@@ -180,7 +146,6 @@ def test_smoke_suite_end_to_end(tmp_path):
 
 
 def test_corrupted_checkpoint_and_missing_dataset_stop_before_any_work(tmp_path, capsys, monkeypatch):
-    import reproductions
     from bench_core.train import CheckpointCache
 
     suite = _tiny_suite(tmp_path)

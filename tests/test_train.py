@@ -190,7 +190,7 @@ def test_checkpoint_round_trip(tmp_path):
     meta = {"config": TrainConfig().to_dict(), "train_sec": 1.5, "stats": {"final_loss": 0.1}}
     path = cache.save("abc123", a, meta)
     assert path == cache.path("abc123") == tmp_path / "abc123.pt"
-    assert [p.name for p in tmp_path.iterdir()] == ["abc123.pt"]  # no temporary left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123.pt", "abc123.pt.sha256"]  # no temporary left behind
     b = _net(1)
     assert cache.load("abc123", b) == meta
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):

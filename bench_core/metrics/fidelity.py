@@ -12,19 +12,22 @@ metrics themselves are torch-fidelity's functions applied to those features:
 
 Reference features are cached on disk (npz), keyed by the extractor identity (which includes the
 weights' checksum), the reference name, the reference count and a hash of the reference images.
+The file is written whole or not at all (``bench_core.atomic``); one that is unreadable or garbage is
+recomputed with a warning (it is a cache), a folder in its place is a clear error.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch_fidelity import metric_fid, metric_kid, metric_prc
 
+from bench_core.atomic import atomic_path
 from bench_core.data import to_uint8  # noqa: F401  - re-exported: model space [-1, 1] -> uint8
 
 from .extractors import Extractor
@@ -127,28 +130,47 @@ def reference_features(reference_u8: torch.Tensor, *, extractor: Extractor, refe
     count = int(reference_u8.shape[0])
     digest = images_digest(reference_u8)
     path = reference_cache_path(cache_dir, extractor, reference_name, count, digest)
+    if path.exists() and not path.is_file():
+        raise ReferenceCacheError(f"reference-statistics cache entry {path} is a folder (or special file), not a "
+                                  f"file; remove it and run again: rm -r '{path}'")
     if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if (str(z["identity"]) == extractor.identity and str(z["reference_name"]) == reference_name
-                        and int(z["count"]) == count and str(z["digest"]) == digest
-                        and str(z["feature_layer"]) == extractor.feature_layer):
-                    return torch.from_numpy(z["features"].copy())
-        except (OSError, KeyError, ValueError):
-            pass  # unreadable or foreign file: recompute and overwrite
+        cached = _read_reference_cache(path, extractor, reference_name, count, digest)
+        if cached is not None:
+            return cached
     feats = compute_features(extractor, reference_u8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, what="reference statistics",
+                     hint="free space in the cache folder (--cache-dir or $DIFFBENCH_CACHE) and run again") as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, features=feats.numpy(), identity=extractor.identity, reference_name=reference_name,
                      count=count, digest=digest, feature_layer=extractor.feature_layer)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return feats
+
+
+class ReferenceCacheError(RuntimeError):
+    """A reference-statistics cache entry that cannot be replaced (a folder in its place)."""
+
+
+def _read_reference_cache(path: Path, extractor: Extractor, reference_name: str, count: int,
+                          digest: str) -> torch.Tensor | None:
+    """The cached features, or None (with a warning) when the file is unreadable, garbage or another
+    reference's: it is a cache, so it is recomputed and overwritten."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            same = (str(z["identity"]) == extractor.identity and str(z["reference_name"]) == reference_name
+                    and int(z["count"]) == count and str(z["digest"]) == digest
+                    and str(z["feature_layer"]) == extractor.feature_layer)
+            feats = z["features"] if same else None
+            if feats is not None and not (feats.ndim == 2 and feats.shape[0] == count
+                                          and np.issubdtype(feats.dtype, np.floating)):
+                raise ValueError(f"features of shape {feats.shape} and dtype {feats.dtype}, expected ({count}, D) floats")
+    except Exception as e:  # noqa: BLE001 - garbage in a cache file: zip, pickle, key, shape errors alike
+        warnings.warn(f"reference-statistics cache {path} is unreadable ({type(e).__name__}: {str(e)[:120]}); "
+                      "recomputing and overwriting it")
+        return None
+    if feats is None:
+        warnings.warn(f"reference-statistics cache {path} holds another reference's features; recomputing it")
+        return None
+    return torch.from_numpy(np.array(feats))
 
 
 # --------------------------------------------------------------------------------------------

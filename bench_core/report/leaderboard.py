@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
+from bench_core.atomic import atomic_path
 from bench_core.records import sampler_label
 from bench_core.stats import rank_label, rank_with_ties, summarize
 
@@ -217,8 +218,8 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
 def to_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
     """Write the leaderboard as CSV (full precision; ``read_csv`` restores it)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.to_csv(path, index=False, lineterminator="\n")
+    with atomic_path(path, what="leaderboard CSV") as tmp:  # whole or not at all
+        df.to_csv(tmp, index=False, lineterminator="\n")
     return path
 
 

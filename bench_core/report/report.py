@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench_core.atomic import atomic_write_text
 from bench_core.records import load_records, sampler_label
 from bench_core.report.leaderboard import (
     RANK_RULE, as_dicts, finite, leaderboard, load_registry, markdown_table, nfe_view, nfe_view_markdown, records_df,
@@ -272,7 +273,7 @@ def write_report(records_path_or_dir, outdir) -> Path:
                   markdown_table(pd.DataFrame(problems, columns=["source", "message"]).assign(
                       message=lambda d: d["message"].map(_one_line))), ""]
     path = outdir / "report.md"
-    path.write_text("\n".join(parts).rstrip() + "\n", encoding="utf-8")
+    atomic_write_text(path, "\n".join(parts).rstrip() + "\n", what="report")
     return path
 
 
@@ -356,5 +357,5 @@ def update_readme(readme_path, results_dir, *, extractor_json=None) -> bool:
     if new is None:
         return False
     if new != text:
-        path.write_text(new, encoding="utf-8")
+        atomic_write_text(path, new, what="README")  # whole or not at all: a failure leaves the old README
     return True

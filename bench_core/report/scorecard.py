@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench_core.atomic import atomic_path
 from bench_core.report.leaderboard import as_dicts, load_registry, markdown_table, records_df
 
 COLUMNS = ["reproduction", "id", "kind", "claim", "status", "why", "ours", "reported"]
@@ -105,8 +106,8 @@ def headline(df: pd.DataFrame) -> str:
 def to_csv(df: pd.DataFrame, path) -> Path:
     """``results/scorecard.csv``: reproduction, id, kind, status, why, ours, reported."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    df.reindex(columns=CSV_COLUMNS).to_csv(path, index=False)
+    with atomic_path(path, what="scorecard CSV") as tmp:  # whole or not at all
+        df.reindex(columns=CSV_COLUMNS).to_csv(tmp, index=False)
     return path
 
 
