@@ -18,6 +18,15 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+from tqdm.auto import tqdm
+
+from . import records as rec
+from .measure import resolve_device
+from .plugin import LoadedModel
+from .runner import Evaluator, append_record, check_writable_dir, run_guarded
+from .samplers import load_all
+from .suite import sampling_problems
+from .train import default_cache_dir
 
 
 @dataclass
@@ -29,18 +38,18 @@ class Results:
 
     def leaderboard(self, nfe_max: float | None = None):
         """The leaderboard as a pandas DataFrame (ranked by FID within comparable groups)."""
-        from .report.leaderboard import leaderboard
+        from .report.leaderboard import leaderboard  # noqa: PLC0415 - lazy: pandas only when the results are tabulated
 
         return leaderboard(self.records, nfe_max=nfe_max)
 
     def leaderboard_markdown(self, nfe_max: float | None = None) -> str:
-        from .report.leaderboard import to_markdown
+        from .report.leaderboard import to_markdown  # noqa: PLC0415 - lazy: pandas only when the results are tabulated
 
         return to_markdown(self.leaderboard(nfe_max))
 
     def plots(self, outdir: str | Path) -> list[Path]:
         """FID against NFE and against latency, and sample grids, from the records."""
-        from .report.plots import make_plots
+        from .report.plots import make_plots  # noqa: PLC0415 - lazy: matplotlib and pandas only when plotting
 
         return make_plots(self.records, outdir)
 
@@ -79,13 +88,6 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
     input's shape and a floating dtype, or goes past ``timeout``) becomes an ``error`` record naming why, and the
     other runs go on; ``log`` receives one line per failed run.
     """
-    from . import records as rec
-    from .measure import resolve_device
-    from .samplers import get_sampler, load_all
-    from .suite import Run, _Metrics, _append, check_writable_dir, run_guarded, sampling_problems
-    from .train import default_cache_dir
-    from reproductions import LoadedModel
-
     load_all()
     samplers, steps, seeds = list(samplers), [int(s) for s in steps], [int(s) for s in seeds]
     sampler_opts = dict(sampler_opts or {})
@@ -95,13 +97,14 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
         grid = {"kind": "uniform" if getattr(denoiser, "sigmas", None) is not None else "karras"}
     grid = {"kind": grid} if isinstance(grid, str) else dict(grid)
     sigmas = getattr(denoiser, "sigmas", None)
-    errors = []
+    errors, samplings = [], []
     for s in samplers or [None]:
         entry = {"sampler": s, "sampler_opts": sampler_opts.get(s, {}), "grid": grid, "steps": steps, "seeds": seeds,
                  "num_samples": num_samples, "batch_size": batch_size or num_samples}
-        msgs, _ = sampling_problems(entry, model=f"the denoiser {name!r}", allow_large=allow_large,
-                                    timesteps=len(sigmas) if sigmas is not None else None)
+        msgs, sm = sampling_problems(entry, model=f"the denoiser {name!r}", allow_large=allow_large,
+                                     timesteps=len(sigmas) if sigmas is not None else None)
         errors += [m.lstrip(".") for m in msgs if m.lstrip(".") not in errors]
+        samplings.append((s, sm))
     for s in sampler_opts:
         if s not in samplers:
             errors.append(f"sampler_opts given for {s!r}, which is not in samplers")
@@ -109,7 +112,7 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
         if not hasattr(denoiser, attr):
             errors.append(f"the denoiser has no {attr} attribute (see bench_core.denoiser for the protocol)")
     data = None
-    metrics = _Metrics(Path(cache_dir) if cache_dir else default_cache_dir(), inception_weights)
+    metrics = Evaluator(Path(cache_dir) if cache_dir else default_cache_dir(), inception_weights)
     try:  # loaded once: the metrics reuse it
         data = metrics.data(dataset, dataset_opts)
     except Exception as e:  # a missing file, an unknown name: say so before any work
@@ -126,13 +129,11 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
     if out is not None:
         check_writable_dir(Path(out), "out")  # an unusable folder is refused before any sampling
         store = rec.RecordStore(Path(out) / "records.jsonl")
-    runs = [Run(suite="api", entry=name, reproduction="user", model=name, model_overrides={}, sampler=s,
-                sampler_opts=get_sampler(s).resolve(sampler_opts.get(s, {})), grid=grid, steps=n, seed=seed,
-                num_samples=num_samples, batch_size=min(batch_size or num_samples, num_samples),
-                model_hash=model_hash)
-            for s in samplers for n in steps for seed in seeds]
-    from tqdm.auto import tqdm
-
+    # expanded as a suite entry's runs are (lists of option values and grid parameters included)
+    runs = [r for s, sm in samplings
+            for r in sm.runs(suite="api", entry=name, reproduction="user", model=name, model_overrides={}, sampler=s,
+                             num_samples=num_samples, batch_size=min(batch_size or num_samples, num_samples),
+                             model_hash=model_hash)]
     out_records = []
     with tqdm(total=sum(r.work() for r in runs), desc=f"evaluate {name}", unit="step·sample", unit_scale=True,
               disable=not progress) as bar:
@@ -140,6 +141,6 @@ def evaluate(denoiser, *, samplers: Iterable[str], steps: Iterable[int], dataset
             bar.set_postfix_str(f"{r.sampler} S={r.steps}", refresh=False)
             record = run_guarded(r, lm, metrics, dev, timeout=timeout, on_batch=bar.update, log=log)
             if store is not None:
-                _append(store, record)
+                append_record(store, record)
             out_records.append(asdict(record))
     return Results(out_records, Path(out) if out is not None else None)

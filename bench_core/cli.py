@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,8 +25,6 @@ def _records_paths(args) -> list[Path]:
 def suite_slug(name: str) -> str | None:
     """The folder name a suite's name gives under runs/: letters, digits, '.', '_' and '-' (others become '-');
     None for a name that is absolute, walks up ('..') or has nothing left."""
-    import re
-
     if not isinstance(name, str) or name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
         return None
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-")
@@ -34,7 +34,7 @@ def suite_slug(name: str) -> str | None:
 def _load_suite(name, train_seed: int = 0, allow_large: bool = False):
     """The validated suite, or None after printing every problem to stderr (a file that cannot be found, read or
     parsed included).  ``allow_large``: lift the size bounds of bench_core/limits.py (--allow-large)."""
-    from .suite import SuiteError, load_suite
+    from .suite import SuiteError, load_suite  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     try:
         return load_suite(name, train_seed_offset=train_seed, allow_large=allow_large)
@@ -45,9 +45,9 @@ def _load_suite(name, train_seed: int = 0, allow_large: bool = False):
 
 def _dry_run(args, suite, out: Path) -> int:
     """List the runs, their NFE and an estimate of the time; nothing is trained, sampled or written."""
-    from .dryrun import format_plan, plan
-    from .records import RecordStore
-    from .train import default_cache_dir
+    from .dryrun import format_plan, plan  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .records import RecordStore  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .train import default_cache_dir  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     history = [Path(p) for p in (args.history or ["results"])] + [out]
     done = RecordStore(out / "records.jsonl").done_keys() if args.resume else set()
@@ -57,7 +57,7 @@ def _dry_run(args, suite, out: Path) -> int:
     if args.resume:
         print(f"resume: {len(suite.runs) - len(rows)} of {len(suite.runs)} runs already recorded in "
               f"{out / 'records.jsonl'}; listing the other {len(rows)}")
-    from .measure import resolve_device
+    from .measure import resolve_device  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     print(format_plan(rows, str(resolve_device(args.device))))
     return 0
@@ -65,7 +65,7 @@ def _dry_run(args, suite, out: Path) -> int:
 
 def _kept(out: Path, suite) -> str:
     """How many of the suite's runs the records in ``out`` hold, in words."""
-    from .records import load_records, record_key
+    from .records import load_records, record_key  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     keys = {r.key() for r in suite.runs}
     kept = sum(1 for r in load_records(out / "records.jsonl") if record_key(r) in keys) \
@@ -75,8 +75,6 @@ def _kept(out: Path, suite) -> str:
 
 def _resume_command(args) -> str:
     """The command line that continues this run: the same arguments, with --out made explicit and --resume."""
-    import shlex
-
     argv = list(getattr(args, "argv", None) or sys.argv[1:])
     if "--out" not in argv and not any(a.startswith("--out=") for a in argv):
         argv += ["--out", str(args.out_resolved)]
@@ -86,8 +84,8 @@ def _resume_command(args) -> str:
 
 
 def cmd_run(args) -> int:
-    from .guard import Interrupted, stop_on_signals
-    from .suite import OutputError, PreflightError, run_suite
+    from .guard import Interrupted, stop_on_signals  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .runner import OutputError, PreflightError, run_suite  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     if args.train_seed < 0:
         print(f"error: --train-seed must be >= 0, got {args.train_seed}", file=sys.stderr)
@@ -106,7 +104,7 @@ def cmd_run(args) -> int:
         out = Path("runs") / slug
     args.out_resolved = out
     if args.device == "cuda":
-        import torch
+        import torch  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
         if not torch.cuda.is_available():
             print("error: --device cuda but no CUDA device is available; use --device cpu or auto", file=sys.stderr)
@@ -116,8 +114,8 @@ def cmd_run(args) -> int:
         return 2
     if args.dry_run:
         return _dry_run(args, suite, out)
-    from .distributed import DistributedError, init_from_env
-    from .records import StorageError
+    from .distributed import DistributedError, init_from_env  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .records import StorageError  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     dist = init_from_env(args.device)  # launched by torchrun: join the group; only rank 0 prints and writes
     if dist is not None and not dist.is_main:
@@ -144,13 +142,15 @@ def cmd_run(args) -> int:
     except Interrupted as e:  # SIGINT / SIGTERM (under torchrun: the launcher stopping this rank after another failed)
         who = f"rank {dist.rank}/{dist.world_size}: " if dist is not None else ""
         during = f" during {e.where}" if e.where else ""
-        print(f"\ndiffbench: {who}stopped by {e}{during}; {_kept(out, suite)}; continue with: {resume_cmd}",
+        why = (" (torchrun stops every rank once one has failed; its report below names the failed rank)"
+               if dist is not None and e.exit_code == 143 else "")
+        print(f"\ndiffbench: {who}stopped by {e}{during}{why}; {_kept(out, suite)}; continue with: {resume_cmd}",
               file=sys.stderr, flush=True)
         return e.exit_code
     print(f"done: {summary['ran']} ran ({summary['ok']} ok, {summary['diverged']} diverged, "
           f"{summary['error']} error), {summary['skipped']} skipped; records: {summary['records']}")
     if not args.no_report:
-        from .report.report import write_report
+        from .report.report import write_report  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
         try:
             path = write_report(out, out)
@@ -166,8 +166,8 @@ def cmd_run(args) -> int:
 def _print_leaderboard(records_paths, nfe_max=None, csv=None, group_filter=None, nfe=None):
     """The leaderboard of the given records as Markdown on stdout, and as CSV when asked; with ``nfe`` (a list of
     NFE budgets) the few-step view instead: FID at matched NFE per sampler and model."""
-    from .records import load_records
-    from .report.leaderboard import leaderboard, nfe_view, nfe_view_markdown, to_csv, to_markdown
+    from .records import load_records  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .report.leaderboard import leaderboard, nfe_view, nfe_view_markdown, to_csv, to_markdown  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     recs = load_records(*records_paths)
     if nfe:
@@ -197,8 +197,8 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_plots(args) -> int:
-    from .records import load_records
-    from .report.plots import make_plots
+    from .records import load_records  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .report.plots import make_plots  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     recs = load_records(*_records_paths(args))
     paths = make_plots(recs, Path(args.out))
@@ -208,7 +208,7 @@ def cmd_plots(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report.report import update_readme, write_report
+    from .report.report import update_readme, write_report  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
     paths = _records_paths(args)
     out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent)
@@ -221,12 +221,10 @@ def cmd_report(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import reproductions
+    from .plugin import REGISTRY  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .samplers import SAMPLERS  # noqa: PLC0415 - lazy: keeps the CLI start fast
+    from .suite import SUITES_DIR  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
-    from .samplers import SAMPLERS, load_all
-    from .suite import SUITES_DIR
-
-    load_all()
     what = args.what
     if what in ("samplers", "all"):
         print("samplers:")
@@ -235,14 +233,14 @@ def cmd_list(args) -> int:
             print(f"  {name:<14} {s.description}" + (f"  [options: {opts}]" if opts else ""))
     if what in ("reproductions", "all"):
         print("reproductions:")
-        for name, r in sorted(reproductions.REPRODUCTIONS.items()):
+        for name, r in sorted(REGISTRY.items()):
             print(f"  {name:<14} {r.title}  [models: {', '.join(r.models)}]")
     if what in ("suites", "all"):
         print(f"suites (in {SUITES_DIR}):")
         for p in sorted(SUITES_DIR.glob("*.yaml")):
             print(f"  {p.stem}")
     if what in ("datasets", "all"):
-        from .data import DATASETS
+        from .data import DATASETS  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
         print("datasets:")
         for name in DATASETS:
@@ -267,13 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
 
     r = sub.add_parser("run", help="run a benchmark suite and write records (default: the default suite)")
-    r.add_argument("--suite", default=DEFAULT_SUITE, help="suite name in benchmarks/suites/ (it wins over a same-named "
-                   "path in the working folder; write ./NAME for that) or a path to a YAML file (default: %(default)s)")
+    r.add_argument("--suite", default=DEFAULT_SUITE, help="name of a shipped suite (diffbench list suites; it wins "
+                   "over a same-named path in the working folder; write ./NAME for that) or a path to a YAML file "
+                   "(default: %(default)s)")
     r.add_argument("--out", default=None, help="output folder for records.jsonl and the report (default: runs/SUITE)")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to sample (default: auto)")
     r.add_argument("--resume", action="store_true", help="skip runs already recorded in --out")
     r.add_argument("--cache-dir", default=None, help="trained-model and reference-statistics cache "
-                   "(default: $DIFFBENCH_CACHE or .diffbench_cache/ in the repository)")
+                   "(default: $DIFFBENCH_CACHE, else $XDG_CACHE_HOME/diffbench, else ~/.cache/diffbench)")
     r.add_argument("--inception-weights", default=None, help="torch-fidelity Inception weights file "
                    "(pt_inception-2015-12-05); when given, FID uses inception-v3-compat")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -319,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(fn=cmd_list)
 
     va = sub.add_parser("validate", help="check a suite file without running it")
-    va.add_argument("suite", help="suite name in benchmarks/suites/ (it wins over a same-named path in the working "
-                    "folder; write ./NAME for that) or a path to a YAML file")
+    va.add_argument("suite", help="name of a shipped suite (diffbench list suites; it wins over a same-named path in the "
+                    "working folder; write ./NAME for that) or a path to a YAML file")
     va.add_argument("--allow-large", action="store_true", help=ALLOW_LARGE_HELP)
     va.set_defaults(fn=cmd_validate)
     return p
@@ -333,6 +332,15 @@ def main(argv=None) -> int:
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 0
+    if args.cmd in ("run", "validate", "list"):  # discovery, once, at the entry point: a broken paper stops here
+        from .plugin import DiscoveryError, discover  # noqa: PLC0415 - lazy: keeps the CLI start fast
+
+        try:
+            discover()
+        except DiscoveryError as e:
+            print(f"error: {e}\nfix the module(s) above (or remove them from the plugin packages) and try again",
+                  file=sys.stderr)
+            return 2
     return args.fn(args)
 
 

@@ -18,8 +18,8 @@ Registry (``DATASETS``):
 - ``mnist``       the MNIST idx files, read by our own reader (see :func:`read_idx`).
 
 Nothing here downloads: a missing file raises :class:`DatasetNotFound` saying what to fetch and
-where to put it.  The default root for file-backed datasets is ``$DIFFBENCH_DATA`` or
-``~/.cache/diffbench/data`` (:func:`default_data_root`).
+where to put it.  The default root for file-backed datasets is ``$DIFFBENCH_DATA``, else
+``$XDG_CACHE_HOME/diffbench/data`` or ``~/.cache/diffbench/data`` (:func:`default_data_root`).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench_core.denoiser import GMMDenoiser
+from bench_core.paths import user_cache_root
 
 
 class DatasetNotFound(FileNotFoundError):
@@ -97,9 +98,10 @@ def from_uint8(u8: Tensor) -> Tensor:
 
 
 def default_data_root() -> Path:
-    """``$DIFFBENCH_DATA`` or ``~/.cache/diffbench/data``."""
+    """``$DIFFBENCH_DATA``, else ``data`` in the user's cache folder (``$XDG_CACHE_HOME/diffbench/data`` or
+    ``~/.cache/diffbench/data``); ``$DIFFBENCH_CACHE`` does not move it, since the user puts datasets there."""
     env = os.environ.get("DIFFBENCH_DATA")
-    return Path(env).expanduser() if env else Path("~/.cache/diffbench/data").expanduser()
+    return Path(env).expanduser() if env else user_cache_root() / "data"
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def _image_dataset(name: str, u8: Tensor, labels: Tensor | None, num_classes: in
 # --------------------------------------------------------------------------------------------
 def load_digits(resolution: int | None = None, channels: int | None = None, limit: int | None = None) -> Dataset:
     """scikit-learn's 8x8 digits: values 0..16 quantised to uint8 as round(v * 255 / 16)."""
-    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.datasets import load_digits as sk_digits  # noqa: PLC0415 - lazy: scikit-learn is slow to import; digits only
 
     d = sk_digits()
     u8 = torch.from_numpy(np.round(d.images * 255.0 / 16.0).astype(np.uint8)).unsqueeze(1)  # (1797,1,8,8)
@@ -189,7 +191,7 @@ def load_swiss_roll(n: int = 10_000, noise: float = 0.1, scale: float = 0.1, see
     As in the toy experiments after Sohl-Dickstein et al. 2015: ``noise`` is in the roll's own
     units (before scaling) and 1/10 maps the roll (|x|, |z| <= 14.2) into about [-1.5, 1.5].
     """
-    from sklearn.datasets import make_swiss_roll
+    from sklearn.datasets import make_swiss_roll  # noqa: PLC0415 - lazy: scikit-learn is slow to import; swiss roll only
 
     pts, _ = make_swiss_roll(n_samples=int(n), noise=float(noise), random_state=int(seed))
     x = torch.from_numpy((pts[:, [0, 2]] * float(scale)).astype(np.float32))
@@ -259,7 +261,7 @@ def load_folder(root: str | os.PathLike | None = None, resolution: int = 32, cha
                 limit: int | None = None, recursive: bool = True) -> Dataset:
     """Every png/jpg under ``root`` (sorted by path), centre-cropped to a square, resized to
     ``resolution`` (bilinear), as ``channels`` (1 = greyscale, 3 = RGB).  No labels."""
-    from PIL import Image
+    from PIL import Image  # noqa: PLC0415 - lazy: Pillow (via torchvision) only for image folders
 
     if root is None:
         raise DatasetNotFound("dataset 'folder' needs root=<a folder of .png/.jpg images>")
@@ -305,7 +307,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 def _official_cifar10_md5() -> dict[str, str]:
     """The md5 sums torchvision ships for the official files (empty if torchvision is absent)."""
     try:
-        from torchvision.datasets import CIFAR10
+        from torchvision.datasets import CIFAR10  # noqa: PLC0415 - optional, slow to import; only its md5 table
     except Exception:
         return {}
     sums = {f: m for f, m in CIFAR10.train_list + CIFAR10.test_list}

@@ -7,10 +7,13 @@ here, so every sampler runs on every model.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
+
+from .guard import check_deadline
 
 
 @runtime_checkable
@@ -129,8 +132,6 @@ class CheckedDenoiser(DenoiserWrapper):
         self._warned = False
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
-        from .guard import check_deadline
-
         check_deadline()
         out = self.denoiser(x, sigma, **cond)
         if cond.get("kernel_variance") and getattr(self.denoiser, "learned_kernel", False):
@@ -153,8 +154,6 @@ class CheckedDenoiser(DenoiserWrapper):
             raise DenoiserOutputError(f"the denoiser returned dtype {out.dtype}; expected {want}")
         if out.dtype != x.dtype:
             if not self._warned:
-                import warnings
-
                 warnings.warn(f"the denoiser returned {out.dtype} for {x.dtype} input; cast to {x.dtype}",
                               stacklevel=2)
                 self._warned = True
@@ -213,7 +212,7 @@ class GMMDenoiser:
         return xf, var, logp
 
     def log_prob(self, x: Tensor, sigma: Tensor | float = 0.0) -> Tensor:
-        _, _, logp = self._responsibilities(x, torch.as_tensor(sigma))
+        _, _, logp = self._responsibilities(x, torch.as_tensor(sigma, dtype=self.means.dtype))  # a Python float stays float64
         return torch.logsumexp(logp, dim=1)
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import atexit
 import os
+import statistics
 import sys
 from datetime import timedelta
 
 import torch
+import torch.distributed as td
 
 DEFAULT_TIMEOUT_S = 1800.0
 DEFAULT_TRAIN_TIMEOUT_S = 7 * 24 * 3600.0
@@ -64,8 +66,6 @@ class Dist:
 
     def __init__(self, rank: int, world_size: int, local_rank: int, backend: str, timeout_s: float,
                  train_timeout_s: float):
-        import torch.distributed as td
-
         self.rank, self.world_size, self.local_rank, self.backend = rank, world_size, local_rank, backend
         self.timeout_s = timeout_s
         # samples and stats travel as pickled CPU objects: a gloo group works under NCCL as well
@@ -103,8 +103,6 @@ class Dist:
 
     def gather_run(self, payload: dict) -> list[dict] | None:
         """Every rank's payload, in rank order, on rank 0 (None on the other ranks)."""
-        import torch.distributed as td
-
         self._gathers += 1
         kill = os.environ.get("DIFFBENCH_TEST_KILL_RANK")
         if kill is not None and kill.strip() == str(self.rank) and self._gathers == 1:
@@ -118,8 +116,6 @@ class Dist:
 
     def all_ok(self, ok: bool, what: str) -> bool:
         """True when every rank reports ok (keeps the ranks in step after a per-rank failure)."""
-        import torch.distributed as td
-
         flags = [None] * self.world_size
         self._collective(what, lambda: td.all_gather_object(flags, bool(ok), group=self._cpu))
         return all(flags)
@@ -131,8 +127,6 @@ class Dist:
         Every rank makes the same collectives whatever happens, then all raise if any rank failed
         (the failing rank re-raises its own exception).
         """
-        import torch.distributed as td
-
         res, err = None, None
         if self.is_main:
             try:
@@ -158,8 +152,6 @@ class Dist:
         return res
 
     def close(self) -> None:
-        import torch.distributed as td
-
         global _CURRENT
         if td.is_initialized():
             td.destroy_process_group()
@@ -171,8 +163,6 @@ def init_from_env(device: str = "auto") -> Dist | None:
     global _CURRENT
     if _CURRENT is not None or not launched():
         return _CURRENT
-    import torch.distributed as td
-
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -215,8 +205,6 @@ def merge_run(dist: Dist, payload: dict) -> dict | None:
     payload: outs (list of CPU sample batches), times (seconds per timed batch), calls, nfe and
     grad counts, peak_mb, peak_method, error.  Raises RuntimeError on rank 0 if a rank failed.
     """
-    import statistics
-
     parts = dist.gather_run(payload)
     if parts is None:
         return None

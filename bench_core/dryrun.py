@@ -21,6 +21,15 @@ from pathlib import Path
 
 import torch
 
+from .denoiser import GaussianDenoiser, NFECounter
+from .measure import resolve_device
+from .plugin import get as get_reproduction
+from .records import load_records
+from .samplers import get_sampler
+from .schedules import alphas_cumprod, linear_betas, make_grid, vp_sigmas
+from .seeding import SampleNoise
+from .train import CheckpointCache
+
 ADAPTIVE = ("prob_flow",)
 
 
@@ -49,9 +58,6 @@ class _StandIn:
     """The exact N(0, 0.5^2 I) denoiser with a DDPM linear-beta timestep table (``sigmas``) for DDIM grids."""
 
     def __init__(self):
-        from .denoiser import GaussianDenoiser
-        from .schedules import alphas_cumprod, linear_betas, vp_sigmas
-
         self.gauss = GaussianDenoiser(0.0, 0.5)
         self.sigmas = vp_sigmas(alphas_cumprod(linear_betas(1000))).float()
         self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
@@ -62,11 +68,6 @@ class _StandIn:
 
 def count_nfe(sampler: str, grid: dict, steps: int, opts: dict, stand_in: _StandIn | None = None) -> float | None:
     """NFE of one trajectory of ``sampler`` on the stand-in denoiser (None if it cannot run there)."""
-    from .denoiser import NFECounter
-    from .samplers import get_sampler
-    from .schedules import make_grid
-    from .seeding import SampleNoise
-
     spec = get_sampler(sampler)
     g = dict(grid)
     kind = g.pop("kind", "uniform")
@@ -86,9 +87,7 @@ def count_nfe(sampler: str, grid: dict, steps: int, opts: dict, stand_in: _Stand
 def _is_cached(run, cache) -> bool:
     """Every checkpoint the run's model loads is in the cache (base models and calibrations included; exact
     denoisers need none)."""
-    import reproductions
-
-    rep = reproductions.get(run.reproduction)
+    rep = get_reproduction(run.reproduction)
     try:
         hashes = rep.needed_checkpoints(run.model, run.model_overrides, rep.model_config(run.model, run.model_overrides))
     except Exception:  # noqa: BLE001 - the dry run reports, it does not validate: trust the model's own hash
@@ -99,10 +98,6 @@ def _is_cached(run, cache) -> bool:
 def plan(suite, *, device: str, cache_dir, history: list[Path], skip: frozenset | set = frozenset()) -> list[PlannedRun]:
     """The suite's runs (but those whose record key is in ``skip``: already recorded, with --resume), each with
     its counted NFE, whether its model is cached and a time estimate from the ``history`` records."""
-    from .measure import resolve_device
-    from .records import load_records
-    from .train import CheckpointCache
-
     dev = resolve_device(device).type
     cache = CheckpointCache(Path(cache_dir) / "checkpoints")
     recs = [r for r in load_records(*history) if r.get("status") == "ok"]

@@ -27,6 +27,7 @@ so far to the enclosing blocks, so the outer measurement stays right.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import gc
@@ -75,6 +76,18 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Run the block with ``n`` torch CPU threads, then restore the previous count (small 2-D networks, whose
+    steps are ~1 ms of work, run fastest on one thread: more only add synchronisation)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def cpu_model() -> str:
@@ -172,7 +185,7 @@ def current_rss_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        import psutil
+        import psutil  # noqa: PLC0415 - optional (not a dependency): the fallback when /proc is absent
 
         return int(psutil.Process().memory_info().rss)
     except Exception:

@@ -21,6 +21,7 @@ import subprocess
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
@@ -343,7 +344,7 @@ def load_records(*paths: str | os.PathLike) -> list[dict]:
 
 def records_frame(records: Iterable[dict]):
     """Records as a pandas DataFrame, with sampler options flattened into a readable label."""
-    import pandas as pd
+    import pandas as pd  # noqa: PLC0415 - lazy: pandas only for reports, not for writing records
 
     rows = []
     for r in records:
@@ -413,7 +414,7 @@ def git_sha() -> str:
 
 
 def versions() -> dict:
-    import torch
+    import torch  # noqa: PLC0415 - lazy: reading records (reports, leaderboard) needs no torch
 
     v = {"python": platform.python_version(), "torch": torch.__version__}
     for mod in ("torch_fidelity", "numpy"):
@@ -422,9 +423,7 @@ def versions() -> dict:
         except Exception:
             pass
     try:
-        from importlib.metadata import version
-
-        v["diffbench"] = version("diffbench")
+        v["diffbench"] = package_version("diffbench")
     except Exception:
         pass
     return v

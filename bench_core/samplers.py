@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .limits import MAX_SAMPLER_INT, too_large
+from .plugin import discover, discovery_errors  # the registry only: importing it imports no paper
 from .seeding import BrownianPath, randn_like
 
 
@@ -103,20 +104,24 @@ def register_sampler(name: str, *, options: dict[str, Opt] | None = None, descri
 
 
 def get_sampler(name: str) -> SamplerSpec:
-    load_all()
+    """The registered sampler ``name``.  The shared samplers are registered by this module; a name it does not
+    know triggers plugin discovery (a paper's own sampler registers when its module is imported)."""
     if name not in SAMPLERS:
-        raise KeyError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}")
+        load_all()
+    if name not in SAMPLERS:
+        broken = "".join(f"; {m} failed to import ({why})" for m, why in discovery_errors().items())
+        raise KeyError(f"unknown sampler {name!r}; registered: {', '.join(sorted(SAMPLERS))}{broken}")
     return SAMPLERS[name]
 
 
-def load_all() -> None:
-    """Import every reproduction so their samplers are registered."""
-    import reproductions  # noqa: F401  (registers on import)
+def load_all() -> dict[str, SamplerSpec]:
+    """Every sampler: the shared ones and those the paper modules register (plugin discovery, once)."""
+    discover(strict=False)
+    return SAMPLERS
 
-    reproductions.load_all()
 
-
-def _sig(s: Tensor, x: Tensor) -> Tensor:
+def sigma_batch(s: Tensor, x: Tensor) -> Tensor:
+    """A scalar noise level as the per-sample sigma a denoiser takes for the batch ``x`` (its dtype, shape (B,))."""
     return s.to(x.dtype).expand(x.shape[0])
 
 
@@ -141,7 +146,7 @@ def sample_ddpm(denoiser, x, sigmas, *, generator=None, cond=None, variance="bet
     cond = cond or {}
     for i in range(len(sigmas) - 1):
         s_t, s_s = sigmas[i], sigmas[i + 1]
-        x0 = denoiser(x, _sig(s_t, x), **cond)
+        x0 = denoiser(x, sigma_batch(s_t, x), **cond)
         mean = x0 + (s_s**2 / s_t**2) * (x - x0)
         if s_s > 0:
             if variance == "beta_tilde":
@@ -170,7 +175,7 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, cond=None, eta=0.0):
     cond = cond or {}
     for i in range(len(sigmas) - 1):
         s_t, s_s = sigmas[i], sigmas[i + 1]
-        x0 = denoiser(x, _sig(s_t, x), **cond)
+        x0 = denoiser(x, sigma_batch(s_t, x), **cond)
         eps = (x - x0) / s_t
         s_up = (eta * s_s * (1 - s_s**2 / s_t**2).clamp(min=0).sqrt()).clamp(max=s_s)
         x = x0 + (s_s**2 - s_up**2).sqrt() * eps
@@ -179,14 +184,14 @@ def sample_ddim(denoiser, x, sigmas, *, generator=None, cond=None, eta=0.0):
     return x
 
 
-@register_sampler("euler", description="Euler step on the probability-flow ODE dx/dsigma = (x - D)/sigma (Karras et al. 2022, Alg. 1 without Heun)",
-                  paper="edm")
+@register_sampler("euler", description="Euler step on the probability-flow ODE dx/dsigma = (x - D)/sigma "
+                  "(Karras et al. 2022, Alg. 1 without Heun)", paper="edm")
 def sample_euler(denoiser, x, sigmas, *, generator=None, cond=None):
     """Euler step of the probability-flow ODE, Karras et al. 2022, Eq. 4 with Alg. 1's d_i."""
     cond = cond or {}
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        d = (x - denoiser(x, _sig(s, x), **cond)) / s
+        d = (x - denoiser(x, sigma_batch(s, x), **cond)) / s
         x = x + (s_next - s) * d
     return x
 
@@ -194,13 +199,17 @@ def sample_euler(denoiser, x, sigmas, *, generator=None, cond=None):
 # --------------------------------------------------------------------------------------------
 # EDM (Karras et al. 2022) and consistency models (Song et al. 2023)
 # --------------------------------------------------------------------------------------------
-def _heun_step(denoiser, x, t_cur, t_next, cond):
-    """One step of Karras et al. 2022, Alg. 1 lines 4-8: Euler, then the 2nd-order correction unless t_next = 0."""
-    d = (x - denoiser(x, _sig(t_cur, x), **cond)) / t_cur
-    x_next = x + (t_next - t_cur) * d
-    if t_next > 0:
-        d_prime = (x_next - denoiser(x_next, _sig(t_next, x), **cond)) / t_next
-        x_next = x + (t_next - t_cur) * (0.5 * d + 0.5 * d_prime)
+def heun_step(denoiser, x, t_cur, t_next, cond=None):
+    """One step of Karras et al. 2022, Alg. 1 lines 4-8: Euler, then the 2nd-order correction unless t_next = 0.
+    ``t_cur``, ``t_next``: scalar tensors, or per-sample (B,) tensors (e.g. a consistency-distillation teacher's
+    step from a random point of the grid), all > 0 or all 0."""
+    cond = cond or {}
+    tc, tn = t_cur.reshape(-1, *([1] * (x.ndim - 1))), t_next.reshape(-1, *([1] * (x.ndim - 1)))
+    d = (x - denoiser(x, sigma_batch(t_cur, x), **cond)) / tc
+    x_next = x + (tn - tc) * d
+    if bool((t_next > 0).all()):
+        d_prime = (x_next - denoiser(x_next, sigma_batch(t_next, x), **cond)) / tn
+        x_next = x + (tn - tc) * (0.5 * d + 0.5 * d_prime)
     return x_next
 
 
@@ -210,7 +219,7 @@ def sample_heun(denoiser, x, sigmas, *, generator=None, cond=None):
     """Deterministic EDM sampler, Karras et al. 2022, Alg. 1 (Heun's method, d_i = (x - D(x; t_i)) / t_i)."""
     cond = cond or {}
     for i in range(len(sigmas) - 1):
-        x = _heun_step(denoiser, x, sigmas[i], sigmas[i + 1], cond)
+        x = heun_step(denoiser, x, sigmas[i], sigmas[i + 1], cond)
     return x
 
 
@@ -236,7 +245,7 @@ def sample_edm_stochastic(denoiser, x, sigmas, *, generator=None, cond=None, S_c
             eps = S_noise * randn_like(x, generator)
             x = x + (t_hat**2 - t_cur**2).sqrt() * eps
             t_cur = t_hat
-        x = _heun_step(denoiser, x, t_cur, t_next, cond)
+        x = heun_step(denoiser, x, t_cur, t_next, cond)
     return x
 
 
@@ -257,11 +266,11 @@ def sample_consistency(denoiser, x, sigmas, *, generator=None, cond=None, eps=0.
         taus = [taus[0], torch.as_tensor(sigma_mid, dtype=sigmas.dtype, device=sigmas.device)]
     elif sigma_mid > 0 and len(taus) > 2:
         raise ValueError(f"sigma_mid sets the one intermediate sigma of two-step sampling; this grid has {len(taus)} sigmas")
-    x = denoiser(x, _sig(taus[0], x), **cond)
+    x = denoiser(x, sigma_batch(taus[0], x), **cond)
     for tau in taus[1:]:
         z = randn_like(x, generator)
         x = x + (tau**2 - eps**2).clamp(min=0).sqrt() * z
-        x = denoiser(x, _sig(tau, x), **cond)
+        x = denoiser(x, sigma_batch(tau, x), **cond)
     return x
 
 
@@ -278,7 +287,7 @@ def sample_consistency(denoiser, x, sigmas, *, generator=None, cond=None, eps=0.
 # --------------------------------------------------------------------------------------------
 def _score(denoiser, x, s, cond):
     """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2 (Tweedie; Song et al. 2021, Eq. 7 target)."""
-    return (denoiser(x, _sig(s, x), **cond) - x) / s**2
+    return (denoiser(x, sigma_batch(s, x), **cond) - x) / s**2
 
 
 def _vp_step(x, s_t, s_s, score, z, ancestral: bool):
@@ -308,7 +317,8 @@ def _predictor(kind, denoiser, x, s_t, s_s, generator, cond, form):
 
 
 def _langevin(denoiser, x, s, generator, cond, n_steps, snr):
-    """Langevin corrector, Song et al. 2021, Alg. 4-5: eps = 2 (r ||z|| / ||s||)^2, x += eps s + sqrt(2 eps) z (per-sample norms)."""
+    """Langevin corrector, Song et al. 2021, Alg. 4-5: eps = 2 (r ||z|| / ||s||)^2, x += eps s + sqrt(2 eps) z
+    (per-sample norms)."""
     for _ in range(n_steps):
         g = _score(denoiser, x, s, cond)
         z = randn_like(x, generator)
@@ -325,7 +335,8 @@ _PRED_OPTS = {"form": Opt(str, "sigma", choices=("sigma", "vp"),
 
 
 @register_sampler("reverse_diffusion", options=dict(_PRED_OPTS),
-                  description="Score SDE reverse-diffusion predictor (Euler-Maruyama of the reverse SDE, Song et al. 2021, Eq. 46) + final denoising step",
+                  description="Score SDE reverse-diffusion predictor (Euler-Maruyama of the reverse SDE, Song et al. "
+                              "2021, Eq. 46) + final denoising step",
                   paper="score_sde", stochastic=True)
 def sample_reverse_diffusion(denoiser, x, sigmas, *, generator=None, cond=None, form="sigma"):
     """Reverse-diffusion predictor, Song et al. 2021, App. E Eq. 46; last step x0 = D(x, eps)."""
@@ -339,7 +350,7 @@ def _predictor_only(kind, denoiser, x, sigmas, generator, cond, form):
         if s_s > 0:
             x = _predictor(kind, denoiser, x, s_t, s_s, generator, cond, form)
         else:
-            x = denoiser(x, _sig(s_t, x), **cond)
+            x = denoiser(x, sigma_batch(s_t, x), **cond)
     return x
 
 
@@ -358,7 +369,8 @@ _CORR_OPTS = {
 
 
 @register_sampler("langevin_corrector", options=dict(_CORR_OPTS),
-                  description="Score SDE corrector only: Langevin MCMC at each grid sigma (Song et al. 2021, Alg. 4-5) + final denoising step",
+                  description="Score SDE corrector only: Langevin MCMC at each grid sigma (Song et al. 2021, Alg. "
+                              "4-5) + final denoising step",
                   paper="score_sde", stochastic=True)
 def sample_langevin_corrector(denoiser, x, sigmas, *, generator=None, cond=None, n_corrector=1, snr=0.16):
     """Corrector-only sampling, Song et al. 2021, Alg. 4-5 without a predictor; last step x0 = D(x, eps)."""
@@ -367,17 +379,19 @@ def sample_langevin_corrector(denoiser, x, sigmas, *, generator=None, cond=None,
         s_t = sigmas[i]
         x = _langevin(denoiser, x, s_t, generator, cond, n_corrector, snr)
         if sigmas[i + 1] == 0:
-            x = denoiser(x, _sig(s_t, x), **cond)
+            x = denoiser(x, sigma_batch(s_t, x), **cond)
     return x
 
 
 @register_sampler("pc", options={"predictor": Opt(str, "reverse_diffusion", choices=("reverse_diffusion", "ancestral")),
                                  **_PRED_OPTS, **_CORR_OPTS},
-                  description="Score SDE predictor-corrector sampling (Song et al. 2021, Alg. 1-3): corrector then predictor at each sigma, final denoising step",
+                  description="Score SDE predictor-corrector sampling (Song et al. 2021, Alg. 1-3): corrector then "
+                              "predictor at each sigma, final denoising step",
                   paper="score_sde", stochastic=True)
 def sample_pc(denoiser, x, sigmas, *, generator=None, cond=None, predictor="reverse_diffusion", form="sigma",
               n_corrector=1, snr=0.16):
-    """Predictor-corrector sampler, Song et al. 2021, Alg. 1 (corrector first, as in the paper's code); last step x0 = D(x, eps)."""
+    """Predictor-corrector sampler, Song et al. 2021, Alg. 1 (corrector first, as in the paper's code); last step x0
+    = D(x, eps)."""
     cond = cond or {}
     for i in range(len(sigmas) - 1):
         s_t, s_s = sigmas[i], sigmas[i + 1]
@@ -385,7 +399,7 @@ def sample_pc(denoiser, x, sigmas, *, generator=None, cond=None, predictor="reve
         if s_s > 0:
             x = _predictor(predictor, denoiser, x, s_t, s_s, generator, cond, form)
         else:
-            x = denoiser(x, _sig(s_t, x), **cond)
+            x = denoiser(x, sigma_batch(s_t, x), **cond)
     return x
 
 
@@ -449,7 +463,8 @@ def dopri5(f, y: Tensor, u0: float, u1: float, *, rtol: float = 1e-5, atol: floa
 
 
 def prob_flow_rhs(denoiser, cond=None):
-    """dx/du of the probability-flow ODE in u = log sigma: dx/du = sigma dx/dsigma = x - D(x, sigma) (Song et al. 2021, Eq. 13 in sigma coordinates)."""
+    """dx/du of the probability-flow ODE in u = log sigma: dx/du = sigma dx/dsigma = x - D(x, sigma) (Song et al.
+    2021, Eq. 13 in sigma coordinates)."""
     cond = cond or {}
 
     def f(x, u):
@@ -461,7 +476,8 @@ def prob_flow_rhs(denoiser, cond=None):
 @register_sampler("prob_flow",
                   options={"rtol": Opt(float, 1e-5, min=0.0, help="relative tolerance of the RK45 solver"),
                            "atol": Opt(float, 1e-5, min=0.0, help="absolute tolerance of the RK45 solver")},
-                  description="Score SDE probability-flow ODE with an adaptive RK45 (Dormand-Prince) solver + final denoising step (Song et al. 2021, Eq. 13)",
+                  description="Score SDE probability-flow ODE with an adaptive RK45 (Dormand-Prince) solver + final "
+                              "denoising step (Song et al. 2021, Eq. 13)",
                   paper="score_sde")
 def sample_prob_flow(denoiser, x, sigmas, *, generator=None, cond=None, rtol=1e-5, atol=1e-5):
     """Probability-flow ODE, Song et al. 2021, Eq. 13, integrated adaptively in log sigma from sigmas[0] to the last
@@ -472,7 +488,7 @@ def sample_prob_flow(denoiser, x, sigmas, *, generator=None, cond=None, rtol=1e-
     if s_end < s_start:
         x = dopri5(prob_flow_rhs(denoiser, cond), x, math.log(s_start), math.log(s_end), rtol=rtol, atol=atol)
     if sigmas[-1] == 0:
-        x = denoiser(x, _sig(pos[-1], x), **cond)
+        x = denoiser(x, sigma_batch(pos[-1], x), **cond)
     return x
 
 
@@ -481,7 +497,7 @@ def sample_prob_flow(denoiser, x, sigmas, *, generator=None, cond=None, rtol=1e-
 # --------------------------------------------------------------------------------------------
 def _langevin_step(denoiser, x, sigma, alpha, generator, cond):
     """One Langevin step, Song & Ermon 2019, Eq. 4: x + alpha/2 grad log p_sigma(x) + sqrt(alpha) z."""
-    score = (denoiser(x, _sig(sigma, x), **cond) - x) / sigma**2
+    score = (denoiser(x, sigma_batch(sigma, x), **cond) - x) / sigma**2
     return x + 0.5 * alpha * score + alpha.sqrt() * randn_like(x, generator)
 
 
@@ -503,7 +519,7 @@ def sample_annealed_langevin(denoiser, x, sigmas, *, generator=None, cond=None, 
         for _ in range(T):
             x = _langevin_step(denoiser, x, sigma_i, alpha_i, generator, cond)
     if denoise:
-        x = denoiser(x, _sig(sigma_L, x), **cond)
+        x = denoiser(x, sigma_batch(sigma_L, x), **cond)
     return x
 
 
@@ -524,7 +540,7 @@ def sample_langevin(denoiser, x, sigmas, *, generator=None, cond=None, T=1000, l
     for _ in range(T):
         x = _langevin_step(denoiser, x, s, alpha, generator, cond)
     if denoise:
-        x = denoiser(x, _sig(s, x), **cond)
+        x = denoiser(x, sigma_batch(s, x), **cond)
     return x
 
 
@@ -600,7 +616,8 @@ _ANCESTRAL_OPTS = {"eta": Opt(float, 1.0, min=0.0, help="noise scale of each ste
                   description="Euler ancestral (k-diffusion): an Euler step to sigma_down, then noise sigma_up "
                               "(DDIM's eta noise, Song et al. 2021, Eq. 16); NFE = steps", stochastic=True)
 def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0):
-    """Euler ancestral step x' = x + (sigma_down - sigma) d + s_noise sigma_up z, d = (x - D)/sigma (Karras et al. 2022, Eq. 4 with DDIM's sigma_tau(eta), Song et al. 2021, Eq. 16)."""
+    """Euler ancestral step x' = x + (sigma_down - sigma) d + s_noise sigma_up z, d = (x - D)/sigma (Karras et al.
+    2022, Eq. 4 with DDIM's sigma_tau(eta), Song et al. 2021, Eq. 16)."""
     return _ancestral(denoiser, x, sigmas, generator, cond, eta, s_noise, _euler_step)
 
 
@@ -732,7 +749,8 @@ def sample_dpm_solver_fast(denoiser, x, sigmas, *, generator=None, cond=None):
              "rtol": Opt(float, 0.05, min=0.0, help="relative tolerance of the local error"),
              "atol": Opt(float, 0.0078, min=0.0, help="absolute tolerance (data in [-1, 1]: 1/128)"),
              "h_init": Opt(float, 0.05, min=1e-6, help="first step size in lambda"),
-             "accept_safety": Opt(float, 0.81, min=0.0, max=1.0, help="a step is accepted when its step-size factor is at least this")},
+             "accept_safety": Opt(float, 0.81, min=0.0, max=1.0,
+                                  help="a step is accepted when its step-size factor is at least this")},
     description="DPM-Solver-12/23 with adaptive step size per sample (Lu et al. 2022, Sec. 3.3 and App. C); the grid fixes "
                 "the ends; NFE adaptive (counted by the harness), +1 for the final denoising step")
 def sample_dpm_solver_adaptive(denoiser, x, sigmas, *, generator=None, cond=None, order=3, rtol=0.05, atol=0.0078,
@@ -848,7 +866,8 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, cond=None, eta=1
                               "noise from a per-sample Brownian path; one NFE per step, last step x = D; second order "
                               "as written (see docstring)", stochastic=True)
 def sample_dpmpp_3m_sde(denoiser, x, sigmas, *, generator=None, cond=None, eta=1.0, s_noise=1.0):
-    """DPM-Solver++(3M) multistep (Lu et al. 2022b, App.) with SDE noise: phi_2 d1 - phi_3 d2; the step before the last is third order (no lower-order final).
+    """DPM-Solver++(3M) multistep (Lu et al. 2022b, App.) with SDE noise: phi_2 d1 - phi_3 d2; the step before the
+    last is third order (no lower-order final).
 
     As k-diffusion and Lu et al.'s code write it: d2 = (d1_0 - d1_1)/(r0 + r1) is h^2 D''/2, so -phi_3 d2 is half the
     Taylor term -h^2 phi_3 D'' and the method is second order (measured 2.0 on the exact Gaussian; doubling d2 gives 3).
@@ -942,13 +961,15 @@ def _linear_multistep(denoiser, x, sigmas, cond, order, time, lower_order_final)
                   description="Linear multistep (k-diffusion's LMS): Adams-Bashforth in sigma on d = (x - D)/sigma, Lagrange "
                               "coefficients integrated over sigma; one NFE per step, the last step to 0 at full order")
 def sample_lms(denoiser, x, sigmas, *, generator=None, cond=None, order=4):
-    """Variable-step Adams-Bashforth on Karras et al. 2022's Eq. 4, dx/dsigma = (x - D)/sigma: x' = x + sum_j (int L_j dsigma) d_{i-j}."""
+    """Variable-step Adams-Bashforth on Karras et al. 2022's Eq. 4, dx/dsigma = (x - D)/sigma: x' = x + sum_j (int
+    L_j dsigma) d_{i-j}."""
     return _linear_multistep(denoiser, x, sigmas, cond, order, "sigma", lower_order_final=False)
 
 
 @register_sampler("deis", options={"order": Opt(int, 3, min=1, max=3, help="polynomial order of the eps extrapolation")},
-                  description="DEIS multistep (Zhang & Chen 2023): exponential integrator with eps extrapolated by a polynomial in "
-                              "log sigma (diffusers' log-rho DEIS); one NFE per step, the last two steps to 0 at order <= 1, 2")
+                  description="DEIS multistep (Zhang & Chen 2023): exponential integrator with eps extrapolated by "
+                              "a polynomial in log sigma (diffusers' log-rho DEIS); one NFE per step, the last two steps "
+                              "to 0 at order <= 1, 2")
 def sample_deis(denoiser, x, sigmas, *, generator=None, cond=None, order=3):
     """DEIS-AB, Zhang & Chen 2023, Eq. 14-15: x' = x + sum_j C_j eps_{i-j}, C_j = int L_j(log rho) d rho with rho = sigma.
 
@@ -1004,7 +1025,8 @@ def _unipc_update(x, s, s_to, m, past, m_new, variant):
     return x_new
 
 
-@register_sampler("unipc", options={"order": Opt(int, 3, min=1, max=3, help="p of UniPC-p (accuracy order p + 1 with the corrector)"),
+@register_sampler("unipc", options={"order": Opt(int, 3, min=1, max=3,
+                                                 help="p of UniPC-p (accuracy order p + 1 with the corrector)"),
                                     "variant": Opt(str, "bh1", choices=("bh1", "bh2"),
                                                    help="B(h) = h (bh1, the paper's choice unguided) or e^h - 1 (bh2, guided)")},
                   description="UniPC (Zhao et al. 2023): UniP predictor + UniC corrector on D, the corrector reusing the next "

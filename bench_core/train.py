@@ -29,10 +29,12 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .atomic import StorageError, atomic_write_bytes, atomic_write_text
 
 from .limits import MAX_TRAIN_STEPS, ranged
+from .paths import user_cache_root
 
 CKPT_FORMAT = "diffbench-ckpt-1"
 
@@ -178,8 +180,6 @@ def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels
     Raises :class:`TrainingDiverged` on a non-finite loss.  On CUDA losses are read back every
     ``log_every`` steps (one synchronisation each), on CPU every step.
     """
-    from tqdm.auto import tqdm
-
     if hasattr(data, "x") and isinstance(getattr(data, "x"), Tensor):
         labels = labels if labels is not None else getattr(data, "labels", None)
         data = data.x
@@ -271,9 +271,10 @@ class CheckpointError(RuntimeError):
 
 
 def default_cache_dir() -> Path:
-    """``$DIFFBENCH_CACHE`` or ``<repo>/.diffbench_cache`` (repo = the folder above bench_core)."""
+    """``$DIFFBENCH_CACHE``, else ``$XDG_CACHE_HOME/diffbench``, else ``~/.cache/diffbench``: the user's cache
+    folder, never the source tree (an installed wheel's site-packages may be read-only)."""
     env = os.environ.get("DIFFBENCH_CACHE")
-    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / ".diffbench_cache"
+    return Path(env).expanduser() if env else user_cache_root()
 
 
 class CheckpointCache:

@@ -7,7 +7,7 @@ batch 1 and 16, four executions of the same denoiser, side by side in one proces
 
 - ``fp32``       the full-precision network,
 - ``sim-w8a8``   W8A8 simulated (fake-quant in float32, what the paper measures FID with),
-- ``int8-w8a8``  the same calibrated W8A8 network in real int8 (``bench_core.quant.to_int8``: oneDNN's int8
+- ``int8-w8a8``  the same calibrated W8A8 network in real int8 (``bench_core.methods.quant.to_int8``: oneDNN's int8
   kernels; the hand-written fallback only where oneDNN's do not run, recorded as such; on a CPU without VNNI,
   where one u8 x s8 pass saturates, 8-bit weights run as two exact passes ``16 hi + lo``: ``int8_weight_passes``),
 - ``int8-w4a8``  W4A8 (4-bit weights in int8 storage) in real int8.
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from bench_core import quant as Q
-from bench_core.accel import NETWORKS, random_weights_, relative_error
+from bench_core.methods import quant as Q
+from bench_core.methods.accel import NETWORKS, random_weights_, relative_error
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.measure import PeakMemory, time_fn
 from bench_core.nets.unet import UNet, count_parameters

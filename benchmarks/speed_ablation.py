@@ -4,16 +4,16 @@
 For three networks -- the digits U-Net (``digits_small``), the DDPM CIFAR-10 U-Net (``ddpm_cifar10``)
 and a Stable-Diffusion-1.5-shaped U-Net at a 64x64x4 latent (``sd15_shaped``: channels
 320/640/1280/1280, attention at the three highest resolutions, random weights; our U-Net has
-self-attention blocks only, no cross-attention / transformer blocks, see ``bench_core.accel``) --
+self-attention blocks only, no cross-attention / transformer blocks, see ``bench_core.methods.accel``) --
 and for the baseline, each speed option alone and all of them together
-(``bench_core.accel.ablation_options``), it measures with ``bench_core.measure``'s one protocol:
+(``bench_core.methods.accel.ablation_options``), it measures with ``bench_core.measure``'s one protocol:
 
 - latency of one denoiser call (median of repeats after warm-up, device synchronised),
 - latency of one 20-step sample (Euler on the discrete-VP denoiser, uniform DDPM timesteps; NFE
   counted by the harness's ``NFECounter``),
 - peak extra memory of one denoiser call,
 - the output's relative deviation from the baseline's (fp32, naive attention) on the same input,
-  against the option's stated tolerance (``bench_core.accel.tolerance``),
+  against the option's stated tolerance (``bench_core.methods.accel.tolerance``),
 
 at a latency batch (1 or 2) and a throughput batch, and writes one record per (network, batch,
 option set) through ``bench_core.records`` into ``OUT/records.jsonl`` (reproduction ``speed``).
@@ -24,7 +24,8 @@ call + sample, 5 timed calls; DDPM CIFAR-10 at batch 2 (call + sample, 3 timed c
 only, 2 timed calls after one warm-up call); SD-shaped at batch 1, call only, one warm-up call and
 one timed call.  CUDA sizes: digits 2 and 512, CIFAR-10 2 and 128, SD-shaped 1 and 8, all call +
 sample, 5 (SD: 4) timed calls and 2 timed samples; on an H100 about 4.5 minutes, two thirds of it
-torch.compile / cuDNN autotuning / graph capture on the first call of the fused and "all" sets.  ``--quick`` shrinks everything (code-path check, not numbers).  On a shared CPU use
+torch.compile / cuDNN autotuning / graph capture on the first call of the fused and "all" sets.  ``--quick`` shrinks
+everything (code-path check, not numbers).  On a shared CPU use
 ``--threads 1``: two intra-op threads on two busy cores spin-wait and make timings erratic.
 
 ``--targets`` adds the issue's GPU targets (meaningful on CUDA, runnable on CPU): the sampling
@@ -52,13 +53,14 @@ from pathlib import Path
 
 import torch
 
-from bench_core.accel import (
+from bench_core.methods.accel import (
     NETWORKS, AccelOptions, CUDAGraphed, CUDAGraphSampler, ablation_options, accelerated_denoiser, apply, random_weights_,
     relative_error, tolerance,
 )
 from bench_core.denoiser import NFECounter
 from bench_core.measure import PeakMemory, device_info, resolve_device, synchronize, time_fn
-from bench_core.nets.unet import UNet, count_parameters, fused_norm_act_backend
+from bench_core.nets.norm_act import fused_norm_act_backend
+from bench_core.nets.unet import UNet, count_parameters
 from bench_core.records import Record, RecordStore, git_sha, now, versions
 from bench_core.samplers import sample_euler
 from bench_core.schedules import alphas_cumprod, discrete_grid, linear_betas

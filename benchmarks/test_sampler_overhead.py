@@ -6,8 +6,6 @@ default suite's batch size.  Target <= 1.05 on CPU.  Measured, never asserted:
 The ratio of every sampler is printed and stored in the benchmark's extra_info (see
 ``--benchmark-json``).
 """
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -18,8 +16,9 @@ from bench_core.nets.unet import DIGITS_SMALL, UNet
 from bench_core.samplers import get_sampler
 from bench_core.schedules import alphas_cumprod, discrete_grid, linear_betas
 from bench_core.seeding import SampleNoise
+from bench_core.suite import SUITES_DIR
 
-SUITE = Path(__file__).parent / "suites" / "default.yaml"
+SUITE = SUITES_DIR / "default.yaml"
 BATCH = yaml.safe_load(SUITE.read_text())["defaults"]["batch_size"]
 STEPS = 50
 ROUNDS = 7
@@ -85,7 +84,7 @@ def test_sampler_overhead(benchmark, denoiser, call_time, name, opts, steps):
     counter = NFECounter(denoiser)
     run(counter)
     nfe = counter.count
-    assert nfe == len(inputs)  # every evaluation recorded (NFE per step: see benchmarks/suites/samplers.yaml)
+    assert nfe == len(inputs)  # every evaluation recorded (NFE per step: see bench_core/suites/samplers.yaml)
 
     def bare_calls():
         with torch.no_grad():

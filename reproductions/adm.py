@@ -22,17 +22,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from bench_core.data import load_dataset, to_uint8
 from bench_core.denoiser import DiscreteVPEpsDenoiser
-from bench_core.guidance import ClassifierFreeGuidance, ClassifierGuidance, balanced_labels
+from bench_core.methods.guidance import ClassifierFreeGuidance, ClassifierGuidance, balanced_labels
 from bench_core.nets.classifier import ClassifierConfig, NoisyClassifier, noisy_classifier_loss
 from bench_core.nets.unet import UNet, count_parameters
+from bench_core.report.plots import new_figure, save_figure
 from bench_core.schedules import alphas_cumprod
 from bench_core.stats import Verdict, beats, difference, summarize
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
+from bench_core.train import TrainConfig, config_hash, train
 from reproductions import (
     Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, register, seed_values,
     unet_config_hash,
@@ -90,8 +93,7 @@ def class_accuracy_metric(num_classes: int = 10):
     """sample_metrics hook: fraction of samples the digits CNN assigns to the requested class (index mod K)."""
 
     def fn(samples: torch.Tensor) -> dict:
-        from bench_core.data import to_uint8
-        from bench_core.metrics.extractors import classify
+        from bench_core.metrics.extractors import classify  # noqa: PLC0415 - pulls in torch_fidelity (heavy); only when scoring samples
 
         want = balanced_labels(torch.arange(len(samples)), num_classes)
         pred = classify(to_uint8(samples)).argmax(1)
@@ -168,13 +170,11 @@ class ADM(BuiltOnDDPM, Reproduction):
 
     # --- models ----------------------------------------------------------------------------------------
     def load_classifier(self, cfg: GuidedConfig, *, device, cache_dir, progress=True):
-        """The noise-aware classifier (trained once, cached by config hash); returns (net, meta, trained_now)."""
-        from bench_core.data import load_dataset
-
+        """The noise-aware classifier (trained once, cached by config hash); returns (net, meta, spent): ``spent`` the
+        seconds its training took now, None from the cache."""
         base = self.base_config(cfg)
         abar = alphas_cumprod(base.betas()).double()
         sigmas = ((1 - abar) / abar).sqrt().float()  # the DDPM training grid's noise levels
-        net = seeded_init(lambda: NoisyClassifier(cfg.classifier), cfg.classifier_train.seed)
 
         def train_fn(net):
             data = load_dataset(base.dataset, **base.dataset_opts)
@@ -184,22 +184,23 @@ class ADM(BuiltOnDDPM, Reproduction):
             stats.update(heldout_accuracy(net, data.x[n_train:], data.labels[n_train:], sigmas, device))
             return {"config": {"classifier": asdict(cfg.classifier), "train": asdict(cfg.classifier_train)}, **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(self.classifier_hash(cfg), net, train_fn)
-        return net.to(device).eval().requires_grad_(False), meta, trained_now
+        net, meta, spent = self.cached_net(self.classifier_hash(cfg), lambda: NoisyClassifier(cfg.classifier),
+                                           cfg.classifier_train.seed, train_fn, cache_dir=cache_dir)
+        return net.to(device).eval().requires_grad_(False), meta, spent
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         cfg = self.model_config(model, overrides)
         h = self.hash_config(cfg)
         if isinstance(cfg, GuidedConfig):
             base = self.load_base(cfg, device=device, cache_dir=cache_dir, progress=progress)
-            clf, meta, trained_now = self.load_classifier(cfg, device=device, cache_dir=cache_dir, progress=progress)
+            clf, meta, clf_spent = self.load_classifier(cfg, device=device, cache_dir=cache_dir, progress=progress)
             den = ClassifierGuidance(base.denoiser, clf, cfg.scale)
-            train_sec = (base.train_sec or 0.0) + (meta.get("train_sec", 0.0) if trained_now else 0.0)
+            train_sec = (base.train_sec or 0.0) + (clf_spent or 0.0)
             mm = {"guidance_scale": float(cfg.scale), "model_label": f"scale={cfg.scale:g}",
                   "classifier_heldout_accuracy": meta.get("heldout_accuracy"),
                   "classifier_heldout_accuracy_low_noise": meta.get("heldout_accuracy_low_noise")}
             return LoadedModel(den, h, base.dataset, base.sample_shape,
-                               train_sec=train_sec if (trained_now or base.train_sec) else None,
+                               train_sec=train_sec if (clf_spent is not None or base.train_sec is not None) else None,
                                dataset_opts=base.dataset_opts, model_metrics=mm,
                                sample_metrics=class_accuracy_metric(cfg.classifier.num_classes),
                                batch_cond=_labels_cond(cfg.classifier.num_classes))
@@ -211,12 +212,9 @@ class ADM(BuiltOnDDPM, Reproduction):
         return lm
 
     def _load_cfg(self, cfg: CFGConfig, h: str, *, device, cache_dir, progress) -> LoadedModel:
-        from bench_core.data import load_dataset
-
         d = cfg.ddpm
         K = d.unet.num_classes
         abar = alphas_cumprod(d.betas())
-        net = seeded_init(lambda: UNet(d.unet), d.train.seed)
 
         def train_fn(net):
             data = load_dataset(d.dataset, **d.dataset_opts)
@@ -224,13 +222,13 @@ class ADM(BuiltOnDDPM, Reproduction):
                           progress=progress, desc="train adm/cfg", device=device)
             return {"config": config_dict(cfg), **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(self._cfg_ckpt_hash(cfg), net, train_fn)
+        net, _, spent = self.cached_net(self._cfg_ckpt_hash(cfg), lambda: UNet(d.unet), d.train.seed, train_fn,
+                                        cache_dir=cache_dir)
         net = net.to(device).eval()
         den = ClassifierFreeGuidance(DiscreteVPEpsDenoiser(net, abar).to(device), cfg.guidance_weight, null_label=K)
         shape = (d.unet.in_channels, d.unet.resolution, d.unet.resolution)
         mm = {"guidance_weight": float(cfg.guidance_weight), "model_label": f"w={cfg.guidance_weight:g}"}
-        return LoadedModel(den, h, d.dataset, shape, train_sec=meta.get("train_sec") if trained_now else None,
-                           dataset_opts=dict(d.dataset_opts), model_metrics=mm,
+        return LoadedModel(den, h, d.dataset, shape, train_sec=spent, dataset_opts=dict(d.dataset_opts), model_metrics=mm,
                            sample_metrics=class_accuracy_metric(K), batch_cond=_labels_cond(K))
 
     # --- tables, plots, claims -------------------------------------------------------------------------
@@ -252,10 +250,6 @@ class ADM(BuiltOnDDPM, Reproduction):
     def plots(self, df, outdir):
         """Fig. 4-style trade-off: precision, recall, class accuracy and FID against the guidance scale (error bars:
         95% intervals over sampling seeds)."""
-        from pathlib import Path
-
-        from bench_core.report.plots import new_figure, save_figure
-
         paths = []
         for model, col, title in (("guided", "guidance_scale", "classifier guidance scale s"),
                                   ("cfg", "guidance_weight", "classifier-free guidance weight w")):
@@ -479,7 +473,7 @@ def _check_u_shape(df) -> ClaimResult:
 
 
 def _check_ablation(df) -> ClaimResult:
-    not_run = ("runs in benchmarks/suites/adm_ldm.yaml (entries adm-ablation, adm-ablation-adm), not in the default "
+    not_run = ("runs in bench_core/suites/adm_ldm.yaml (entries adm-ablation, adm-ablation-adm), not in the default "
                "suite: training the ADM-option U-Net (4000 steps like the DDPM digits model, which takes 133 s on 2 "
                "cores, plus attention at two resolutions) would about double this paper's ~2.5-minute share of the "
                "default budget")

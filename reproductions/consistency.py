@@ -26,10 +26,12 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 import torch
 
+from bench_core.data import load_dataset
 from bench_core.denoiser import ConsistencyPrecond
 from bench_core.nets.unet import UNet, UNetConfig
 from bench_core.schedules import karras_grid
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
+from bench_core.samplers import heun_step
+from bench_core.train import TrainConfig, config_hash, train
 from bench_core import stats
 from reproductions import (
     Claim, ClaimResult, LoadedModel, Reproduction, combine, largest_group, ok_rows, register, seed_values,
@@ -163,15 +165,6 @@ def _ema_(target: torch.nn.Module, online: torch.nn.Module, mu: float) -> None:
         pt.lerp_(po.detach(), 1.0 - mu)
 
 
-def _heun_teacher(teacher, x, t_cur, t_next):
-    """One Heun step of the teacher's probability-flow ODE from t_cur to t_next > 0 (Karras et al. 2022, Alg. 1)."""
-    b = lambda v: v.reshape(-1, *([1] * (x.ndim - 1)))
-    d = (x - teacher(x, t_cur)) / b(t_cur)
-    x_e = x + b(t_next - t_cur) * d
-    d_prime = (x_e - teacher(x_e, t_next)) / b(t_next)
-    return x + b(t_next - t_cur) * (0.5 * d + 0.5 * d_prime)
-
-
 def cm_loss(cfg: ConsistencyConfig, teacher=None):
     """CD (Alg. 2) or CT (Alg. 3) loss d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta^-(x_hat_{t_n}, t_n)), lambda = 1.
 
@@ -210,7 +203,7 @@ def cm_loss(cfg: ConsistencyConfig, teacher=None):
         x_n1 = x0 + b(t_n1) * z
         with torch.no_grad():
             if cfg.mode == "cd":
-                x_n = _heun_teacher(teacher, x_n1, t_n1, t_n)
+                x_n = heun_step(teacher, x_n1, t_n1, t_n)  # the teacher's probability-flow ODE
             else:
                 x_n = x0 + b(t_n) * z
             f_target = target(x_n, t_n)
@@ -276,21 +269,17 @@ class Consistency(Reproduction):
         return mods
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
-        from bench_core.data import load_dataset
-
         cfg = self.model_config(model, overrides)
         h = self.hash_config(cfg)
-        f = seeded_init(lambda: self.build(cfg), cfg.train.seed)
-        cache = CheckpointCache(cache_dir)
         teacher_sec = 0.0
 
         def train_fn(net):
             nonlocal teacher_sec
             teacher, teacher_total = None, None
             if cfg.mode == "cd":
-                teacher, _, tmeta, t_now = EDM_REPRO.load_config(cfg.teacher, device=device, cache_dir=cache_dir,
-                                                                  progress=progress, desc=f"train edm teacher of {model}")
-                teacher_sec = float(tmeta.get("train_sec") or 0.0) if t_now else 0.0
+                teacher, _, tmeta, t_spent = EDM_REPRO.load_config(cfg.teacher, device=device, cache_dir=cache_dir,
+                                                                    progress=progress, desc=f"train edm teacher of {model}")
+                teacher_sec = t_spent or 0.0
                 teacher_total = tmeta.get("train_sec")
                 teacher.requires_grad_(False)
                 if cfg.init_from_teacher:
@@ -301,11 +290,11 @@ class Consistency(Reproduction):
                           desc=f"train {self.name}/{model}", device=device)
             return {"config": config_dict(cfg), "teacher_train_sec": teacher_total, **stats}
 
-        meta, trained_now = cache.load_or_train(h, f, train_fn)
+        f, meta, spent = self.cached_net(h, lambda: self.build(cfg), cfg.train.seed, train_fn, cache_dir=cache_dir)
         f = f.to(device).eval()
         (name, opts), = self.required_datasets(cfg)
         shape = (cfg.net_config().in_channels, cfg.net_config().resolution, cfg.net_config().resolution)
-        train_sec = (float(meta.get("train_sec") or 0.0) + teacher_sec) if trained_now else None
+        train_sec = spent + teacher_sec if spent is not None else None
         return LoadedModel(f, h, name, shape, train_sec=train_sec, dataset_opts=opts,
                            model_metrics={"cm_loss": cfg.loss, "cm_mode": cfg.mode, "cm_train_steps": cfg.train.steps,
                                           "cm_batch_size": cfg.train.batch_size, "cm_final_loss": meta.get("final_loss"),
@@ -316,8 +305,7 @@ class Consistency(Reproduction):
                                           "cm_teacher_train_sec": meta.get("teacher_train_sec"),
                                           "train_cost_evals": train_cost_evals(cfg),
                                           "train_cost_sec": float(meta.get("train_sec") or 0.0)
-                                          + float(meta.get("teacher_train_sec") or 0.0)},
-                           extra={"train_sec_cached": meta.get("train_sec")})
+                                          + float(meta.get("teacher_train_sec") or 0.0)})
 
     # ---------------------------------------------------------------------------------------
     def claims(self) -> list[Claim]:

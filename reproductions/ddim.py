@@ -6,10 +6,13 @@ paper's CIFAR-10 values beside ours.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from bench_core.records import decode_preview
+from bench_core.report.plots import new_figure, save_figure, tile_images
 from bench_core.stats import all_of, beats, scaled, summarize
 from reproductions import Claim, ClaimResult, largest_group, ok_rows, primary, register, seed_values, train_seed_of
 from reproductions.ddpm import DDPM
@@ -107,10 +110,6 @@ class DDIM(DDPM):
 
     def plots(self, df, outdir):
         """Fig. 5-style consistency: the same seeds sampled with S = 10 ... 1000, eta = 0 against eta = 1."""
-        from pathlib import Path
-
-        from bench_core.report.plots import new_figure, save_figure, tile_images
-
         rows = []
         for row in ("eta=0.0", "eta=1.0"):
             for S in S_COLUMNS:

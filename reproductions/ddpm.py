@@ -10,11 +10,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from bench_core.data import load_dataset
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.limits import MAX_STEPS, ranged
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
 from bench_core.schedules import BETA_SCHEDULES, alphas_cumprod
-from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
+from bench_core.train import TrainConfig, train
 from bench_core.stats import at_most, beats, equivalent, summarize
 from reproductions import (
     Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, primary, register, seed_values, unet_config_hash,
@@ -137,13 +138,9 @@ class DDPM(Reproduction):
         return cfg
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
-        from bench_core.data import load_dataset
-
         cfg = self.model_config(model, overrides)
         h = self.hash_config(cfg)
-        net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
         abar = alphas_cumprod(cfg.betas())
-        cache = CheckpointCache(cache_dir)
 
         def train_fn(net):
             data = load_dataset(cfg.dataset, **cfg.dataset_opts)
@@ -152,12 +149,11 @@ class DDPM(Reproduction):
                           desc=f"train {self.name}/{model}", device=device)
             return {"config": config_dict(cfg), **stats}
 
-        meta, trained_now = cache.load_or_train(h, net, train_fn)
+        net, _, spent = self.cached_net(h, lambda: UNet(cfg.unet), cfg.train.seed, train_fn, cache_dir=cache_dir)
         net = net.to(device).eval()
         den = DiscreteVPEpsDenoiser(net, abar).to(device)
         shape = (cfg.unet.in_channels, cfg.unet.resolution, cfg.unet.resolution)
-        return LoadedModel(den, h, cfg.dataset, shape, train_sec=meta.get("train_sec") if trained_now else None,
-                           dataset_opts=dict(cfg.dataset_opts), extra={"train_sec_cached": meta.get("train_sec")})
+        return LoadedModel(den, h, cfg.dataset, shape, train_sec=spent, dataset_opts=dict(cfg.dataset_opts))
 
     # ---------------------------------------------------------------------------------------
     def claims(self) -> list[Claim]:

@@ -13,14 +13,17 @@ network sees t = 250 c_noise = 62.5 ln(sigma), about [-388, 274] for sigma in [0
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from bench_core.data import load_dataset
 from bench_core.denoiser import EDMPrecond
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, seeded_init, train
+from bench_core.report.plots import fid_yscale, legend_outside, new_figure, save_figure, styles
+from bench_core.train import TrainConfig, train
 from bench_core.stats import all_of, beats, scaled, summarize
 from reproductions import (
     Claim, ClaimResult, LoadedModel, Reproduction, largest_group, ok_rows, primary, register, seed_values,
@@ -99,21 +102,17 @@ class EDM(Reproduction):
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
         cfg = self.model_config(model, overrides)
-        den, h, meta, trained_now = self.load_config(cfg, device=device, cache_dir=cache_dir, progress=progress,
-                                                     desc=f"train {self.name}/{model}")
+        den, h, meta, spent = self.load_config(cfg, device=device, cache_dir=cache_dir, progress=progress,
+                                               desc=f"train {self.name}/{model}")
         shape = (cfg.unet.in_channels, cfg.unet.resolution, cfg.unet.resolution)
-        return LoadedModel(den, h, cfg.dataset, shape, train_sec=meta.get("train_sec") if trained_now else None,
-                           dataset_opts=dict(cfg.dataset_opts),
+        return LoadedModel(den, h, cfg.dataset, shape, train_sec=spent, dataset_opts=dict(cfg.dataset_opts),
                            model_metrics={"edm_final_loss": meta.get("final_loss"),
-                                          "edm_train_sec": meta.get("train_sec")},
-                           extra={"train_sec_cached": meta.get("train_sec")})
+                                          "edm_train_sec": meta.get("train_sec")})
 
     def load_config(self, cfg: EDMConfig, *, device, cache_dir, progress: bool = True, desc: str = "train edm"):
-        """(denoiser, hash, meta, trained_now) of an EDM config: the cached checkpoint or a fresh training."""
-        from bench_core.data import load_dataset
-
+        """(denoiser, hash, meta, spent) of an EDM config: the cached checkpoint or a fresh training (``spent``:
+        the seconds it took now, None from the cache)."""
         h = self.hash_config(cfg)
-        den = seeded_init(lambda: self.build(cfg), cfg.train.seed)
 
         def train_fn(net):
             data = load_dataset(cfg.dataset, **cfg.dataset_opts)
@@ -121,8 +120,8 @@ class EDM(Reproduction):
                           labels=data.labels, progress=progress, desc=desc, device=device)
             return {"config": config_dict(cfg), **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(h, den, train_fn)
-        return den.to(device).eval(), h, meta, trained_now
+        den, meta, spent = self.cached_net(h, lambda: self.build(cfg), cfg.train.seed, train_fn, cache_dir=cache_dir)
+        return den.to(device).eval(), h, meta, spent
 
     # ---------------------------------------------------------------------------------------
     def claims(self) -> list[Claim]:
@@ -164,34 +163,29 @@ class EDM(Reproduction):
 
     def plots(self, df, outdir):
         """Figure 2 at our scale: FID against NFE, one panel per model, one line per sampler."""
-        from pathlib import Path
-
-        from bench_core.report.plots import new_figure, save_figure
-
         panels = fig2_values(df)
         if not panels:
             return []
-        from matplotlib import colormaps
-
-        labels = sorted({lab for series in panels.values() for lab in series})
-        color = {lab: colormaps["tab10"](i % 10) for i, lab in enumerate(labels)}  # one colour per line in every panel
-        fig = new_figure(5.2 * len(panels), 4.2)
+        # one style (colour, marker) per sampler in every panel, distinct within a panel
+        style = styles({lab for series in panels.values() for lab in series})
+        fig = new_figure(9.0, 3.6 * len(panels), layout="constrained")  # stacked: each legend beside its own panel
         for i, (panel, series) in enumerate(panels.items()):
-            ax = fig.add_subplot(1, len(panels), i + 1)
+            ax = fig.add_subplot(len(panels), 1, i + 1)
             for lab, pts in series.items():
                 nfe = sorted(pts)
                 st = [summarize(pts[n]) for n in nfe]
                 mean = [x.mean for x in st]
                 err = [[x.mean - x.lo if x.has_interval else 0 for x in st],
                        [x.hi - x.mean if x.has_interval else 0 for x in st]]
-                ax.errorbar(nfe, mean, yerr=err, marker="o", ms=3, label=lab, color=color[lab], capsize=2, elinewidth=0.8)
+                ax.errorbar(nfe, mean, yerr=err, ms=3, label=lab, color=style[lab]["color"], marker=style[lab]["marker"],
+                            ls=style[lab]["ls"], capsize=2, elinewidth=0.8)
             ax.set_xscale("log")
-            ax.set_yscale("log")
+            ax.set_yscale(fid_yscale([summarize(v).mean for pts in series.values() for v in pts.values()]))
             ax.set_xlabel("NFE (counted)")
             ax.set_ylabel("FID (mean ± 95% interval over seeds)")
             ax.set_title(panel, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=6)
+            legend_outside(ax, fontsize=6)
         fig.suptitle("EDM Fig. 2 at our scale (digits): FID vs NFE", fontsize=10)
         return [save_figure(fig, Path(outdir) / "edm_fig2_fid_vs_nfe.png")]
 

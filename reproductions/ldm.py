@@ -19,15 +19,18 @@ Models (the same DDPM noise schedule and L_simple for every model; a U-Net sized
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import pandas as pd
 import torch
 
+from bench_core.data import load_dataset, to_uint8
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.autoencoder import Autoencoder, AutoencoderConfig, LatentDecoder, autoencoder_loss
 from bench_core.nets.unet import UNet, count_parameters
+from bench_core.report.plots import new_figure, save_figure
 from bench_core.schedules import alphas_cumprod
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
+from bench_core.train import TrainConfig, config_hash, train
 from bench_core import stats
 from reproductions import (
     Claim, ClaimResult, LoadedModel, Reproduction, combine, largest_group, ok_rows, register, seed_values,
@@ -91,7 +94,7 @@ MODELS: dict[str, LDMConfig] = {("pixel" if f == 1 else f"f{f}"): _preset(f) for
 
 def forward_flops(module: torch.nn.Module, *inputs) -> int:
     """FLOPs of one forward pass (``torch.utils.flop_counter``: matmuls and convolutions, 2 per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415 - imports triton (~0.2 s); only for FLOP counts
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         module(*inputs)
@@ -159,11 +162,9 @@ class LDM(Reproduction):
 
     # --- models -----------------------------------------------------------------------------------------
     def load_autoencoder(self, cfg: LDMConfig, *, device, cache_dir, progress=True):
-        """The KL autoencoder (cached by config hash) as a LatentDecoder; its meta holds the scale factor and rFID."""
-        from bench_core.data import load_dataset
-
+        """The KL autoencoder (cached by config hash) as a LatentDecoder, its meta (the scale factor, rFID) and the
+        seconds its training took now (None from the cache)."""
         d = cfg.diffusion
-        ae = seeded_init(lambda: Autoencoder(cfg.autoencoder), cfg.ae_train.seed)
 
         def train_fn(net):
             data = load_dataset(d.dataset, **d.dataset_opts)
@@ -176,13 +177,12 @@ class LDM(Reproduction):
             stats.update(reconstruction_metrics(net, data, device))
             return {"config": {"autoencoder": asdict(cfg.autoencoder), "train": asdict(cfg.ae_train)}, **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(self.ae_hash(cfg), ae, train_fn)
+        ae, meta, spent = self.cached_net(self.ae_hash(cfg), lambda: Autoencoder(cfg.autoencoder), cfg.ae_train.seed,
+                                          train_fn, cache_dir=cache_dir)
         ae = ae.to(device).eval().requires_grad_(False)
-        return LatentDecoder(ae, meta["scale_factor"]).to(device), meta, trained_now
+        return LatentDecoder(ae, meta["scale_factor"]).to(device), meta, spent
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
-        from bench_core.data import load_dataset
-
         cfg = self.model_config(model, overrides)
         d, f = cfg.diffusion, cfg.autoencoder.f
         h = self.hash_config(cfg)
@@ -191,14 +191,13 @@ class LDM(Reproduction):
                              "diffusion_train_steps": d.train.steps, "diffusion_batch_size": d.train.batch_size}
         cost_sec = 0.0  # training seconds of everything the model needs, read from the checkpoints (cached or not)
         if f > 1:
-            decoder, ae_meta, ae_now = self.load_autoencoder(cfg, device=device, cache_dir=cache_dir, progress=progress)
-            train_sec += ae_meta.get("train_sec", 0.0) if ae_now else 0.0
+            decoder, ae_meta, ae_spent = self.load_autoencoder(cfg, device=device, cache_dir=cache_dir, progress=progress)
+            train_sec += ae_spent or 0.0
             cost_sec += float(ae_meta.get("train_sec") or 0.0)
             mm.update(rfid=ae_meta.get("rfid"), rfid_n=ae_meta.get("rfid_n"), rfid_subsets=ae_meta.get("rfid_subsets"),
                       ae_scale_factor=ae_meta["scale_factor"], ae_params=count_parameters(decoder),
                       ae_train_sec=ae_meta.get("train_sec"))
         abar = alphas_cumprod(d.betas())
-        net = seeded_init(lambda: UNet(d.unet), d.train.seed)
 
         def train_fn(net):
             data = load_dataset(d.dataset, **d.dataset_opts)
@@ -206,8 +205,8 @@ class LDM(Reproduction):
             stats = train(net, l_simple(abar), x, d.train, progress=progress, desc=f"train ldm/{model}", device=device)
             return {"config": config_dict(cfg), **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(h, net, train_fn)
-        train_sec += meta.get("train_sec", 0.0) if trained_now else 0.0
+        net, meta, spent = self.cached_net(h, lambda: UNet(d.unet), d.train.seed, train_fn, cache_dir=cache_dir)
+        train_sec += spent or 0.0
         mm["train_cost_sec"] = cost_sec + float(meta.get("train_sec") or 0.0)
         mm["diffusion_final_loss"] = meta.get("final_loss")
         net = net.to(device).eval()
@@ -236,10 +235,6 @@ class LDM(Reproduction):
     def plots(self, df, outdir):
         """Fig. 7-style: FID (mean and 95% interval over seeds) against samples/s (end to end, decoder included),
         one point per factor f, one series per sampler and step count."""
-        from pathlib import Path
-
-        from bench_core.report.plots import new_figure, save_figure
-
         t = ldm_table(df)
         if len(t) < 2:
             return []
@@ -294,9 +289,8 @@ class LDM(Reproduction):
 def reconstruction_metrics(ae: Autoencoder, data, device) -> dict:
     """rFID etc. of RFID_N reconstructions (posterior means) against the full reference, digits CNN at 8x8.
     The subset is the one the harness uses for the real-data floor (randperm with seed 0)."""
-    from bench_core.data import to_uint8
-    from bench_core.metrics.extractors import get_extractor
-    from bench_core.metrics.fidelity import image_metrics
+    from bench_core.metrics.extractors import get_extractor  # noqa: PLC0415 - pulls in torch_fidelity (heavy); only for rFID
+    from bench_core.metrics.fidelity import image_metrics  # noqa: PLC0415 - pulls in torch_fidelity (heavy); only for rFID
 
     ref = data.reference_uint8()
     n = min(RFID_N, len(ref))

@@ -21,15 +21,19 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from bench_core.data import load_dataset
 from bench_core.denoiser import GMMDenoiser, bcast, expand_sigma
+from bench_core.metrics.twod import mode_weights
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
+from bench_core.stats import beats
+from bench_core.train import TrainConfig, config_hash, train
 from reproductions import (Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values,
                            unet_config_hash)
-from reproductions.sohl_dickstein import _cpu_threads
+from bench_core.measure import cpu_threads
 
 PAPER_FID, PAPER_IS = 25.32, 8.87  # CIFAR-10 (≈)
 TRUE_WEIGHTS = (0.8, 0.2)
@@ -122,7 +126,7 @@ class SingleThreadDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         if x.device.type != "cpu":
             return self.denoiser(x, sigma, **cond)
-        with _cpu_threads(1):
+        with cpu_threads(1):
             return self.denoiser(x, sigma, **cond)
 
     def __getattr__(self, name):
@@ -133,8 +137,6 @@ class SingleThreadDenoiser:
 
 def toy_oracle(cfg: ToyConfig) -> GMMDenoiser:
     """The exact denoiser of the toy mixture, with the toy's sigma range."""
-    from bench_core.data import load_dataset
-
     o = load_dataset("gmm2d", preset=cfg.preset, n=16).oracle
     return GMMDenoiser(o.weights, o.means, o.stds, sigma_min=cfg.sigma_L, sigma_max=cfg.sigma_1)
 
@@ -158,9 +160,6 @@ class NCSN(Reproduction):
         return [] if isinstance(cfg, ToyConfig) else [(self.hash_config(cfg), lambda: UNet(cfg.unet))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
-        from bench_core.data import load_dataset
-        from bench_core.metrics.twod import mode_weights
-
         cfg = self.model_config(model, overrides)
         h = self.hash_config(cfg)
         if isinstance(cfg, ToyConfig):
@@ -171,25 +170,20 @@ class NCSN(Reproduction):
                 w = mode_weights(samples, centers)
                 return {"mode_weights": [float(v) for v in w], "true_weights": oracle.weights.tolist()}
 
-            return LoadedModel(SingleThreadDenoiser(oracle), h, "gmm2d", (2,), dataset_opts={"preset": cfg.preset, "n": cfg.reference_n},
-                               sample_metrics=sample_metrics)
+            return LoadedModel(SingleThreadDenoiser(oracle), h, "gmm2d", (2,),
+                               dataset_opts={"preset": cfg.preset, "n": cfg.reference_n}, sample_metrics=sample_metrics)
 
-        net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
-        den = NCSNDenoiser(net, cfg.sigma_1, cfg.sigma_L)
-
-        def train_fn(net):
+        def train_fn(net):  # the loss takes the denoiser; the checkpoint holds its network
             data = load_dataset(cfg.dataset, **cfg.dataset_opts)
-            stats = train(den, dsm_loss(cfg.sigmas()), data.x, cfg.train, labels=data.labels, progress=progress,
-                          desc=f"train {self.name}/{model}", device=device)
+            stats = train(NCSNDenoiser(net, cfg.sigma_1, cfg.sigma_L), dsm_loss(cfg.sigmas()), data.x, cfg.train,
+                          labels=data.labels, progress=progress, desc=f"train {self.name}/{model}", device=device)
             return {"config": asdict(cfg), **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(h, net, train_fn)
-        den = den.to(device).eval()
+        net, _, spent = self.cached_net(h, lambda: UNet(cfg.unet), cfg.train.seed, train_fn, cache_dir=cache_dir)
+        den = NCSNDenoiser(net, cfg.sigma_1, cfg.sigma_L).to(device).eval()
         shape = (cfg.unet.in_channels, cfg.unet.resolution, cfg.unet.resolution)
-        return LoadedModel(den, h, cfg.dataset, shape, train_sec=meta.get("train_sec") if trained_now else None,
-                           dataset_opts=dict(cfg.dataset_opts),
-                           model_metrics={"sigma_1": cfg.sigma_1, "sigma_L": cfg.sigma_L, "L": cfg.L},
-                           extra={"train_sec_cached": meta.get("train_sec")})
+        return LoadedModel(den, h, cfg.dataset, shape, train_sec=spent, dataset_opts=dict(cfg.dataset_opts),
+                           model_metrics={"sigma_1": cfg.sigma_1, "sigma_L": cfg.sigma_L, "L": cfg.L})
 
     # ---------------------------------------------------------------------------------------
     def claims(self):
@@ -214,8 +208,6 @@ class NCSN(Reproduction):
         ]
 
     def tables(self, df):
-        import pandas as pd
-
         out = {}
         toy = _toy_rows(df)
         if toy is not None:
@@ -285,8 +277,6 @@ def _check_toy(sampler: str, wrong: bool):
 
 
 def _check_digits(df) -> ClaimResult:
-    from bench_core.stats import beats
-
     if df is None or len(df) == 0 or "reproduction" not in df:
         return ClaimResult("not run", "", "no records")
     d = ok_rows(df, "fid", reproduction="ncsn", model="digits")

@@ -1,6 +1,6 @@
 """Li et al. 2023 — Q-Diffusion: Quantizing Diffusion Models.
 
-Post-training quantization of the DDPM noise-prediction network (``bench_core.quant``): per-channel
+Post-training quantization of the DDPM noise-prediction network (``bench_core.methods.quant``): per-channel
 weight quantizers, per-tensor activation quantizers, at W8A8, W4A8 and W4A32, simulated (fake-quant)
 as the paper does.  The model is the DDPM digits model (``reproductions.ddpm``, its checkpoint cache)
 with a quantization config; the calibration result is cached by the hash of both.  The quantized
@@ -11,7 +11,7 @@ nearest rounding) and ``qdiffusion`` (time-step-aware calibration + shortcut spl
 layer-wise where the paper reconstructs blocks with BRECQ).  Both use the same range estimators
 (squared-error-optimal clipping for weights and activations), so the difference is the paper's three
 ingredients.  Beyond the paper: ``execution="int8"`` runs the calibrated W<=8 A8 network in integer
-arithmetic on the CPU through PyTorch's oneDNN int8 kernels (``bench_core.quant.to_int8``; the hand-written
+arithmetic on the CPU through PyTorch's oneDNN int8 kernels (``bench_core.methods.quant.to_int8``; the hand-written
 ``torch._int_mm`` path only as a fallback, with a warning); records say which ran (``metrics.quant_execution``,
 ``quant_int8_backend``) and carry the executed network's weight bytes.  ``benchmarks/int8_speed.py`` measures
 float32 / simulated / int8 per denoiser call side by side; its records feed the speed table here.
@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field, replace
 import pandas as pd
 import torch
 
-from bench_core import quant as Q
-from bench_core.quant import QuantConfig, QuantizedDenoiser
-from bench_core.train import CheckpointCache, config_hash
+from bench_core.methods import quant as Q
+from bench_core.methods.quant import QuantConfig, QuantizedDenoiser
+from bench_core.train import CheckpointCache, CheckpointError, config_hash
 from bench_core.stats import at_least, beats, equivalent, summarize
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values
 from reproductions.ddpm import BuiltOnDDPM
@@ -120,8 +120,6 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
         return base if cfg.quant.is_float else base + [self._hashes(cfg)[1]]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
-        from bench_core.train import CheckpointError
-
         cfg = self.model_config(model, overrides)
         device = torch.device(device)
         if cfg.execution == "int8" and device.type != "cpu":
@@ -133,7 +131,7 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
         q = cfg.quant
         metrics = {"quant_label": q.label, "quant_method": q.method, "quant_w_bits": q.w_bits, "quant_a_bits": q.a_bits,
                    "quant_calib": q.calib, "quant_split": q.split_shortcut, "quant_rounding": q.rounding,
-                   "quant_base_hash": base_hash, "quant_calib_sec": 0.0}
+                   "quant_base_hash": base_hash, "quant_calib_hash": calib_hash, "quant_calib_sec": 0.0}
         spent = 0.0
         metrics["weight_bytes_fp32"] = Q.executed_weight_bytes(base.denoiser.model)
         if q.is_float:
@@ -180,8 +178,7 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
         return LoadedModel(den, h, base.dataset, base.sample_shape, train_sec=train_sec,
                            dataset_opts=dict(base.dataset_opts), model_metrics=metrics,
                            sample_metrics=lambda samples, d=den: d.calls.metrics(),
-                           dtype="int8" if cfg.execution == "int8" else "float32",
-                           extra={"base_hash": base_hash, "calib_hash": calib_hash})
+                           dtype="int8" if cfg.execution == "int8" else "float32")
 
     # ---------------------------------------------------------------------------------------
     def tables(self, df):

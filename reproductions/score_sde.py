@@ -5,7 +5,7 @@ with the shared U-Net; the adapter ``bench_core.denoiser.SDEEpsDenoiser`` turns 
 into a denoiser, so the paper's samplers (``reverse_diffusion``, ``ancestral``,
 ``langevin_corrector``, ``pc``, ``prob_flow`` in bench_core.samplers) run on it and on every other
 model (e.g. DDPM's, through its VP adapter).  Likelihood (bits/dim) through the probability-flow
-ODE lives in ``bench_core.likelihood``; the digits model's bits/dim (per image too, beside a full-covariance
+ODE lives in ``bench_core.methods.likelihood``; the digits model's bits/dim (per image too, beside a full-covariance
 Gaussian fitted to the digits and dequantized the same way) and the exact 2-D mixture's ODE-likelihood gap go
 into the records' ``metrics``.
 """
@@ -15,16 +15,20 @@ import inspect
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import Tensor
 
 from bench_core.atomic import atomic_write_text
+from bench_core.data import load_dataset, load_gmm2d, to_uint8
 from bench_core.denoiser import SDEEpsDenoiser
+from bench_core.methods.likelihood import bits_per_dim, gaussian_bits_per_dim, ode_log_likelihood
+from bench_core.metrics.twod import mode_weights
 from bench_core.nets.unet import DDPM_CIFAR10, DIGITS_SMALL, UNet, UNetConfig
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
-from bench_core.stats import all_of, beats
+from bench_core.train import TrainConfig, config_hash, train
+from bench_core.stats import all_of, at_most, beats, summarize
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, fid_seeds, ok_rows, register, seed_values
 
 
@@ -190,14 +194,10 @@ class ScoreSDE(Reproduction):
         return [] if isinstance(cfg, ExactGMMConfig) else [(self.hash_config(cfg), lambda: UNet(cfg.unet))]
 
     def load_model(self, model: str, overrides: dict, *, device, cache_dir, progress: bool = True) -> LoadedModel:
-        from bench_core.data import load_dataset
-
         cfg = self.model_config(model, overrides)
         h = self.hash_config(cfg)
         if isinstance(cfg, ExactGMMConfig):
             return self._load_gmm(cfg, h, device)
-        net = seeded_init(lambda: UNet(cfg.unet), cfg.train.seed)
-        cache = CheckpointCache(cache_dir)
         data = load_dataset(cfg.dataset, **cfg.dataset_opts)
 
         def train_fn(net):
@@ -205,21 +205,16 @@ class ScoreSDE(Reproduction):
                           desc=f"train {self.name}/{model}", device=device)
             return {"config": asdict(cfg), **stats}
 
-        meta, trained_now = cache.load_or_train(h, net, train_fn)
+        net, meta, spent = self.cached_net(h, lambda: UNet(cfg.unet), cfg.train.seed, train_fn, cache_dir=cache_dir)
         net = net.to(device).eval()
         net.requires_grad_(False)
         den = SDEEpsDenoiser(net, cfg.sde, cfg.t_scale).to(device)
         mm = {"sde": cfg.sde.kind, **_cached_bits_per_dim(den, data, cfg.likelihood, h, cache_dir)}
         return LoadedModel(den, h, cfg.dataset, tuple(data.sample_shape), dataset_opts=dict(cfg.dataset_opts),
-                           train_sec=meta.get("train_sec") if trained_now else None, model_metrics=mm,
-                           extra={"train_sec_cached": meta.get("train_sec")})
+                           train_sec=spent, model_metrics=mm)
 
     def _load_gmm(self, cfg: ExactGMMConfig, h: str, device) -> LoadedModel:
         """The exact mixture denoiser, with its ODE log-likelihood gap (exact trace and Hutchinson) as model metrics."""
-        from bench_core.data import load_gmm2d
-        from bench_core.likelihood import ode_log_likelihood
-        from bench_core.metrics.twod import mode_weights
-
         ds = load_gmm2d(cfg.preset, n=cfg.n)
         oracle = ds.oracle
         oracle.sigma_min, oracle.sigma_max = cfg.sigma_min, cfg.sigma_max
@@ -242,7 +237,8 @@ class ScoreSDE(Reproduction):
 
         def sample_metrics(samples):
             w = mode_weights(samples.reshape(len(samples), -1), means)
-            return {"mode_weights": [float(v) for v in w], "mode_weight_error": float(sum(abs(a - b) for a, b in zip(w, weights)) / 2)}
+            return {"mode_weights": [float(v) for v in w],
+                    "mode_weight_error": float(sum(abs(a - b) for a, b in zip(w, weights)) / 2)}
 
         return LoadedModel(oracle, h, "gmm2d", (2,), dataset_opts={"preset": cfg.preset, "n": cfg.n},
                            model_metrics=mm, sample_metrics=sample_metrics)
@@ -339,8 +335,6 @@ PAPER_BPD = {"digits_vp": "3.21 (DDPM++ cont. VP) (≈)", "digits_subvp": "3.05 
 
 def likelihood_table(df) -> list[dict]:
     """Rows per digits model: bits/dim (mean over training seeds), the Gaussian baseline's, the paper's."""
-    from bench_core.stats import summarize
-
     out = []
     for model in ("digits_vp", "digits_subvp", "digits_ve"):
         per_ts, g_ts, _, _ = _bpd(df, model)
@@ -490,8 +484,6 @@ def _check_subvp_likelihood(df) -> ClaimResult:
 
 
 def _check_cross_model(df) -> ClaimResult:
-    from bench_core.stats import at_most
-
     if df is None or len(df) == 0 or "sampler" not in df:
         return ClaimResult("not run", "", "no records")
     r = ok_rows(df, "fid", reproduction="ddpm")
@@ -516,15 +508,10 @@ BPD_VERSION = 2  # 2: per-image values and the Gaussian baseline
 
 def _cached_bits_per_dim(den, data, lcfg: LikelihoodConfig, model_hash: str, cache_dir) -> dict:
     """Bits/dim of the last ``n_images`` images through the ODE, cached next to the checkpoint by (model, settings),
-    beside the full-covariance Gaussian baseline (``bench_core.likelihood.gaussian_bits_per_dim``): fitted to every
+    beside the full-covariance Gaussian baseline (``bench_core.methods.likelihood.gaussian_bits_per_dim``): fitted to every
     image of the dataset (the model's training set; the evaluated images are in both), dequantized the same way,
     image i with the same dequantization noise as under the model.  Per-image values of both are kept: a paired
     test over images compares them."""
-    from pathlib import Path
-
-    from bench_core.data import to_uint8
-    from bench_core.likelihood import bits_per_dim, gaussian_bits_per_dim
-
     if lcfg.n_images <= 0 or data.kind != "image":
         return {}
     key = config_hash({"bpd": model_hash, "version": BPD_VERSION}, asdict(lcfg))

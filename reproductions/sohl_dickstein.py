@@ -22,21 +22,27 @@ learned variance it uses Sigma = beta_t (gamma = 1).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from bench_core.stats import all_of
+from bench_core.stats import all_of, at_least, beats
+from bench_core.data import load_dataset
 from bench_core.denoiser import bcast, expand_sigma
+from bench_core.measure import cpu_threads
+from bench_core.methods.likelihood import knn_entropy
+from bench_core.metrics.twod import points_metrics
 from bench_core.nets.unet import timestep_embedding
-from bench_core.samplers import Opt, _sig, register_sampler
+from bench_core.report.plots import new_figure, save_figure
+from bench_core.samplers import Opt, sigma_batch, register_sampler
 from bench_core.seeding import randn_like
-from bench_core.train import CheckpointCache, TrainConfig, config_hash, seeded_init, train
+from bench_core.train import TrainConfig, config_hash, train
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values
 
 LOG2 = math.log(2.0)
@@ -75,8 +81,8 @@ class SDConfig:
 # paper's RMSprop and learned beta; a plain MLP instead of the paper's radial-basis temporal readout; 5000 roll
 # points (the 2-D metrics compare samples with every data point: MMD costs O(n^2)).
 MODELS: dict[str, SDConfig] = {
-    "swiss_roll": SDConfig(dataset_opts={"n": 5000}, train=TrainConfig(steps=3000, batch_size=512, lr=3e-3, warmup=100, grad_clip=1.0,
-                                             ema_decay=0.995, seed=0)),
+    "swiss_roll": SDConfig(dataset_opts={"n": 5000}, train=TrainConfig(steps=3000, batch_size=512, lr=3e-3, warmup=100,
+                                                                       grad_clip=1.0, ema_decay=0.995, seed=0)),
 }
 
 
@@ -170,7 +176,7 @@ def bound_bits(chain: Chain, net: KernelMLP, x0: Tensor, generator: torch.Genera
     K_full replaces -H_q(X_1|X_0) by E log p(x0|x1) and -H_p(X_T) by the exact E_q log N(x_T; 0, I): a true
     lower bound on E log p(x0) for the model as sampled.  Every t is summed; each x_t is one draw.
     """
-    with _cpu_threads(1):  # a 2-D MLP: one thread is fastest on CPU
+    with cpu_threads(1):  # a 2-D MLP: one thread is fastest on CPU
         return _bound_bits(chain, net, x0, generator)
 
 
@@ -231,7 +237,7 @@ class SohlDicksteinDenoiser(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, kernel_variance: bool = False, **cond):
         if x.device.type == "cpu":  # a 2-D MLP: one thread is fastest (no cross-thread synchronisation)
-            with _cpu_threads(1):
+            with cpu_threads(1):
                 return self._forward(x, sigma, kernel_variance)
         return self._forward(x, sigma, kernel_variance)
 
@@ -278,9 +284,9 @@ def sample_sohl_dickstein(denoiser, x, sigmas, *, generator=None, cond=None, var
     for i in range(len(sigmas) - 1):
         s_t, s_s = sigmas[i], sigmas[i + 1]
         if learned:
-            x0, gamma = denoiser(x, _sig(s_t, x), kernel_variance=True, **cond)
+            x0, gamma = denoiser(x, sigma_batch(s_t, x), kernel_variance=True, **cond)
         else:
-            x0, gamma = denoiser(x, _sig(s_t, x), **cond), 1.0
+            x0, gamma = denoiser(x, sigma_batch(s_t, x), **cond), 1.0
         mean = x0 + (s_s**2 / s_t**2) * (x - x0)
         var = gamma * (s_t**2 - s_s**2) * (1 + s_s**2) / (1 + s_t**2)
         x = mean + var.sqrt() * randn_like(x, generator)
@@ -310,25 +316,13 @@ def trajectories(den: SohlDicksteinDenoiser, x0: Tensor, generator: torch.Genera
     return {"t": list(keep), "forward": {str(t): r(fwd[t]) for t in keep}, "reverse": {str(t): r(rev[t]) for t in keep}}
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 ENTROPY_K = 4  # neighbours of the Kozachenko-Leonenko estimate
 
 
 def achievable(x: Tensor, L_null_bits: float) -> dict:
     """What a perfect model would reach: E log p_data = -H(p_data), with H the Kozachenko-Leonenko k-NN entropy
-    estimate of the training data (bench_core.likelihood.knn_entropy), and the gain over L_null it allows."""
-    from bench_core.likelihood import knn_entropy
-
-    with _cpu_threads(1):
+    estimate of the training data (bench_core.methods.likelihood.knn_entropy), and the gain over L_null it allows."""
+    with cpu_threads(1):
         H, se = knn_entropy(x, ENTROPY_K)
     H_bits, se_bits = H / LOG2, se / LOG2
     return {"data_entropy_bits": round(H_bits, 4), "data_entropy_stderr_bits": round(se_bits, 4),
@@ -355,36 +349,31 @@ class SohlDickstein(Reproduction):
         return config_hash({"family": "sohl-dickstein-2015"}, d)
 
     def cached_modules(self, model, overrides, cfg):
-        from bench_core.data import load_dataset
-
         # the data's dimension is read only when a cached checkpoint is there to check
         return [(self.hash_config(cfg),
                  lambda: KernelMLP(load_dataset(cfg.dataset, **cfg.dataset_opts).x.shape[1], cfg.net))]
 
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
-        from bench_core.data import load_dataset
-        from bench_core.metrics.twod import points_metrics
-
         cfg = self.model_config(model, overrides)
         h = self.hash_config(cfg)
         data = load_dataset(cfg.dataset, **cfg.dataset_opts)
         chain = Chain(cfg.betas())
-        net = seeded_init(lambda: KernelMLP(data.x.shape[1], cfg.net), cfg.train.seed)
 
         def train_fn(net):
             # a 2-D MLP step is ~1 ms of work: on CPU, more than one thread only adds synchronisation (30x slower
             # on busy cores), so train on one
-            with _cpu_threads(1 if torch.device(device).type == "cpu" else torch.get_num_threads()):
+            with cpu_threads(1 if torch.device(device).type == "cpu" else torch.get_num_threads()):
                 stats = train(net, sd_loss(chain), data.x, cfg.train, progress=progress,
                               desc=f"train {self.name}/{model}", device=device)
             return {"config": asdict(cfg), **stats}
 
-        meta, trained_now = CheckpointCache(cache_dir).load_or_train(h, net, train_fn)
+        net, meta, spent = self.cached_net(h, lambda: KernelMLP(data.x.shape[1], cfg.net), cfg.train.seed, train_fn,
+                                           cache_dir=cache_dir)
         net = net.cpu().eval()
         g = torch.Generator().manual_seed(cfg.eval_seed)
         idx = torch.randperm(len(data), generator=g)[: cfg.eval_points]
         den = SohlDicksteinDenoiser(net, chain)
-        with _cpu_threads(1):
+        with cpu_threads(1):
             mm = {k: round(v, 4) for k, v in bound_bits(chain, net, data.x[idx], g).items()}
             mm.update(achievable(data.x, mm["L_null_bits"]))
             mm["trajectory"] = trajectories(den, data.x, g)
@@ -401,10 +390,8 @@ class SohlDickstein(Reproduction):
                 baseline[n] = {"gauss_baseline_sliced_wasserstein": m["sliced_wasserstein"], "gauss_baseline_mmd": m["mmd"]}
             return dict(baseline[n])
 
-        return LoadedModel(den, h, cfg.dataset, (data.x.shape[1],),
-                           train_sec=meta.get("train_sec") if trained_now else None,
-                           dataset_opts=dict(cfg.dataset_opts), model_metrics=mm, sample_metrics=sample_metrics,
-                           extra={"train_sec_cached": meta.get("train_sec")})
+        return LoadedModel(den, h, cfg.dataset, (data.x.shape[1],), train_sec=spent,
+                           dataset_opts=dict(cfg.dataset_opts), model_metrics=mm, sample_metrics=sample_metrics)
 
     # ---------------------------------------------------------------------------------------
     def claims(self):
@@ -433,8 +420,6 @@ class SohlDickstein(Reproduction):
         r = _rows(df)
         if r is None:
             return {}
-        import pandas as pd
-
         ms = pd.DataFrame([{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in r["metrics"]])
         m = ms.mean().to_dict()  # means over the records (the bound repeats per sampling seed)
         rows = [
@@ -455,10 +440,6 @@ class SohlDickstein(Reproduction):
 
     def plots(self, df, outdir):
         """Fig. 1: forward q(x_t) (top) and reverse p(x_t) (bottom) at t = 0, T/2, T, from the records."""
-        from pathlib import Path
-
-        from bench_core.report.plots import new_figure, save_figure
-
         r = _rows(df)
         if r is None:
             return []
@@ -496,8 +477,6 @@ def _rows(df):
 def _bound_verdict(r, value, se, what: str) -> ClaimResult:
     """"value > 0" per trained model: a t-test over training seeds when >= 2, else a one-sided z-test at 95% against
     the Monte-Carlo standard error ``se`` of the one model's value."""
-    from bench_core.stats import at_least
-
     vals, ses = {}, {}
     for key, m in zip(_keys(r), r["metrics"]):
         v = value(m)
@@ -554,8 +533,6 @@ def _check_bound(df) -> ClaimResult:
 
 
 def _check_samples(df) -> ClaimResult:
-    from bench_core.stats import beats
-
     r = _rows(df)
     if r is None:
         return ClaimResult("not run", "", "no sohl_dickstein sampler records with the Gaussian baseline")

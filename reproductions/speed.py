@@ -1,7 +1,7 @@
 """Chen et al. 2023 — Speed Is All You Need: On-Device Acceleration of Large Diffusion Models via
 GPU-Aware Optimizations.
 
-The paper's optimizations are switchable runtime options of the shared U-Net (``bench_core.accel``:
+The paper's optimizations are switchable runtime options of the shared U-Net (``bench_core.methods.accel``:
 chunked / partially fused softmax and FlashAttention-style fused attention, fused GroupNorm + SiLU,
 autotuned (Winograd) convolutions and channels-last, half precision, CUDA graphs).  Nothing is
 trained: ``benchmarks/speed_ablation.py`` times random-weight networks (the digits U-Net, the DDPM
@@ -9,17 +9,21 @@ CIFAR-10 U-Net and an SD-1.5-shaped U-Net) and writes records; this module regen
 table, the GPU-target tables and the claims from those records.
 
 Its suite models run a trained network under speed options: the DDPM digits checkpoint (shared with the
-``ddpm`` reproduction: same weights, same model hash) wrapped by ``bench_core.accel``, so any sampler runs
+``ddpm`` reproduction: same weights, same model hash) wrapped by ``bench_core.methods.accel``, so any sampler runs
 on it and the records show the options' effect on FID and sampling latency beside the fp32 runs.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
+import torch
 
-from bench_core.accel import NETWORKS, AccelOptions, accelerated_denoiser
+from bench_core.methods.accel import NETWORKS, AccelOptions, accelerated_denoiser
+from bench_core.report.plots import new_figure, save_figure
+from bench_core.schedules import alphas_cumprod
 from bench_core.stats import Verdict, beats, difference, equivalent
 from reproductions import Claim, ClaimResult, LoadedModel, Reproduction, ok_rows, register, seed_values
 from reproductions.ddpm import BuiltOnDDPM
@@ -27,7 +31,7 @@ from reproductions.ddpm import BuiltOnDDPM
 
 @dataclass
 class SpeedModelConfig:
-    """A trained ``ddpm`` model preset run under speed options (``bench_core.accel.AccelOptions``)."""
+    """A trained ``ddpm`` model preset run under speed options (``bench_core.methods.accel.AccelOptions``)."""
 
     base_model: str = "digits"                          # a model preset of the ddpm reproduction
     base_overrides: dict = field(default_factory=dict)  # its overrides (e.g. shorter training in the smoke suite)
@@ -166,8 +170,6 @@ class Speed(BuiltOnDDPM, Reproduction):
     def load_model(self, model, overrides, *, device, cache_dir, progress=True) -> LoadedModel:
         cfg = self.model_config(model, overrides)
         base = self.load_base(cfg, device=device, cache_dir=cache_dir, progress=progress)
-        from bench_core.schedules import alphas_cumprod
-
         # the freshly loaded base network is this model's alone: accelerate it in place, not a copy
         abar = alphas_cumprod(self.base_config(cfg).betas())
         den = accelerated_denoiser(base.denoiser.model, cfg.options, abar, device=device, inplace=True)
@@ -189,7 +191,8 @@ class Speed(BuiltOnDDPM, Reproduction):
             out["Sampling-loop overhead: 20-step Euler sample / 20 bare denoiser calls (digits U-Net; target <= 1.02 "
                 "at batch 512 on a GPU)"] = pd.DataFrame([{
                     "device": r["device_name"], "network": r["network"], "batch": int(r["batch"]), "mode": r["set"],
-                    "ms / call": _fmt(_num(r["sec_bare_calls"]) / max(_num(r["nfe"]) or 1, 1) if _num(r["sec_bare_calls"]) else None, 1e3),
+                    "ms / call": _fmt(_num(r["sec_bare_calls"]) / max(_num(r["nfe"]) or 1, 1)
+                                      if _num(r["sec_bare_calls"]) else None, 1e3),
                     "ms / sample": _fmt(r["sec_per_sample"], 1e3), "NFE": int(_num(r["nfe"]) or 0),
                     "overhead": _fmt(r["overhead_ratio"], digits=4)} for _, r in oh.iterrows()])
         cmp_ = speed_records(df, "diffusers")
@@ -209,10 +212,6 @@ class Speed(BuiltOnDDPM, Reproduction):
 
     def plots(self, df, outdir):
         """Speedup per option set (per denoiser call), one panel per device, bars per network and batch."""
-        from pathlib import Path
-
-        from bench_core.report.plots import new_figure, save_figure
-
         d = speed_records(df)
         paths = []
         for dev, g in (d.groupby("device_name", sort=True) if len(d) else ()):
@@ -299,8 +298,6 @@ class Speed(BuiltOnDDPM, Reproduction):
         ]
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

@@ -33,3 +33,4 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
     torch.save(net.state_dict(), path)
     return path
+

@@ -6,11 +6,13 @@ mean), and CFG with weight w must equal classifier guidance with s = 1 + w.
 """
 import math
 
+import pandas as pd
+
 import pytest
 import torch
 
 from bench_core.denoiser import DiscreteVPEpsDenoiser, GMMDenoiser, NFECounter, expand_sigma
-from bench_core.guidance import ClassifierFreeGuidance, ClassifierGuidance, balanced_labels
+from bench_core.methods.guidance import ClassifierFreeGuidance, ClassifierGuidance, balanced_labels
 from bench_core.nets.classifier import ClassifierConfig, NoisyClassifier, noisy_classifier_loss
 from bench_core.nets.unet import DIGITS_SMALL, UNet
 from bench_core.schedules import alphas_cumprod, linear_betas
@@ -142,7 +144,8 @@ def test_cfg_equals_classifier_guidance_with_scale_one_plus_w_on_exact_denoisers
 
 def _run(sampler, steps, scale, batch_size, tmp_path, sampler_opts=None, grid=None):
     from bench_core.data import load_gmm2d
-    from bench_core.suite import Run, _Metrics, run_one
+    from bench_core.runner import Evaluator, run_one
+    from bench_core.suite import Run
     from reproductions import LoadedModel
 
     ds = load_gmm2d("ring8", n=2000)
@@ -158,7 +161,7 @@ def _run(sampler, steps, scale, batch_size, tmp_path, sampler_opts=None, grid=No
     run = Run(suite="t", entry="e", reproduction="adm", model="m", model_overrides={}, sampler=sampler,
               sampler_opts=sampler_opts or {}, grid=grid or {"kind": "karras"}, steps=steps, seed=0, num_samples=32,
               batch_size=batch_size)
-    rec = run_one(run, lm, _Metrics(tmp_path, None), torch.device("cpu"))
+    rec = run_one(run, lm, Evaluator(tmp_path, None), torch.device("cpu"))
     return rec, den
 
 
@@ -230,8 +233,6 @@ SEEDS = (0, 1, 2)
 
 def _guided_records(series: dict) -> "pd.DataFrame":
     """series: scale -> {metric: [value per sampling seed]} (metrics fid, precision, recall, class_accuracy)."""
-    import pandas as pd
-
     rows = []
     for s, m in series.items():
         for i, seed in enumerate(SEEDS):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from bench_core.cli import main
-from bench_core.suite import load_suite
+from bench_core.suite import SUITES_DIR, load_suite
 from test_data import _write_tiny_cifar
 
 
@@ -33,7 +33,7 @@ def test_missing_cifar_files_are_named_before_any_work(tmp_path, monkeypatch, ca
 def test_cifar10_suite_runs_offline_with_user_files(tmp_path, monkeypatch, random_inception_weights):  # noqa: F811
     _write_tiny_cifar(tmp_path / "data", per_batch=4)
     monkeypatch.setenv("DIFFBENCH_DATA", str(tmp_path / "data"))
-    data = yaml.safe_load(open("benchmarks/suites/cifar10.yaml"))
+    data = yaml.safe_load((SUITES_DIR / "cifar10.yaml").read_text())
     entry = next(e for e in data["entries"] if e["name"] == "ddim-cifar10")
     entry.update(sampler_opts={"eta": 0.0}, grid={"kind": "uniform"}, steps=[2],
                  model_overrides={"train": {"steps": 1, "warmup": 1, "batch_size": 2}})

@@ -39,3 +39,22 @@ def test_train_seed_offset_changes_every_model_hash():
     assert base.runs[0].model_overrides == {} and base.runs[2].model_overrides["train"]["seed"] == 1
     with pytest.raises(Exception, match="train_seeds"):
         parse_suite({"name": "t", "entries": [dict(data["entries"][0], train_seeds=[-1])]})
+
+
+def test_default_cache_is_the_user_cache_folder(tmp_path, monkeypatch):
+    """Never the source tree: $DIFFBENCH_CACHE, else $XDG_CACHE_HOME/diffbench, else ~/.cache/diffbench (a relative
+    $XDG_CACHE_HOME is ignored, as the XDG specification says); datasets under its data/ unless $DIFFBENCH_DATA."""
+    from bench_core.data import default_data_root
+    from bench_core.train import default_cache_dir
+
+    monkeypatch.delenv("DIFFBENCH_CACHE", raising=False)
+    monkeypatch.delenv("DIFFBENCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "diffbench"
+    assert default_data_root() == tmp_path / "xdg" / "diffbench" / "data"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/path")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "diffbench"
+    monkeypatch.setenv("DIFFBENCH_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    assert default_data_root() == tmp_path / "home" / ".cache" / "diffbench" / "data"  # the model cache's variable only

@@ -220,7 +220,7 @@ def test_ct_training_lowers_the_loss_and_samples_vary():
     """A few hundred CT steps on digits (a small U-Net): the consistency loss on a fixed held-out batch at a fixed
     grid drops, the denoising error of f at sigma = 0.5 drops, and one-step samples are not constant."""
     from bench_core.data import load_dataset
-    from bench_core.train import TrainConfig, seeded_init, train
+    from bench_core.train import seeded_init, train
     from reproductions import apply_overrides
     from reproductions.consistency import MODELS
 

@@ -31,7 +31,8 @@ name: tiny
 defaults: {num_samples: 8, batch_size: 4, seeds: [0]}
 entries:
   - {name: a, reproduction: ddim, model: digits, model_overrides: {train: {steps: 3}}, sampler: ddim, steps: [5, 10]}
-  - {name: b, reproduction: ddpm, model: digits, model_overrides: {train: {steps: 3}}, sampler: heun, grid: {kind: karras}, steps: 4}
+  - {name: b, reproduction: ddpm, model: digits, model_overrides: {train: {steps: 3}}, sampler: heun, grid: {kind: karras},
+     steps: 4}
 """)
     return p
 
@@ -94,7 +95,7 @@ def test_needed_checkpoints_include_base_models_and_calibrations():
     import reproductions
     from reproductions.ddpm import DDPM_REPRO
 
-    reproductions.load_all()
+    reproductions.discover()
     base = DDPM_REPRO.model_hash("digits", {})
     qd = reproductions.get("qdiffusion")
     w8 = qd.needed_checkpoints("digits-w8a8-qdiff", {}, qd.model_config("digits-w8a8-qdiff", {}))

@@ -81,14 +81,15 @@ class _Upsampler(torch.nn.Module):
 
 def test_harness_decodes_inside_the_run_and_does_not_count_the_decoder(tmp_path):
     from bench_core.records import decode_preview
-    from bench_core.suite import Run, _Metrics, run_one
+    from bench_core.runner import Evaluator, run_one
+    from bench_core.suite import Run
     from reproductions import LoadedModel
 
     dec = _Upsampler()
     lm = LoadedModel(GaussianDenoiser(0.0, 0.5), "t", "digits", (2, 8, 8), dataset_opts={"resolution": 32}, decode=dec)
     run = Run(suite="t", entry="e", reproduction="ldm", model="m", model_overrides={}, sampler="ddim",
               sampler_opts={"eta": 0.0}, grid={"kind": "karras"}, steps=6, seed=0, num_samples=24, batch_size=8)
-    rec = run_one(run, lm, _Metrics(tmp_path, None), torch.device("cpu"))
+    rec = run_one(run, lm, Evaluator(tmp_path, None), torch.device("cpu"))
     assert rec.status == "ok", rec.error
     assert rec.nfe == 6                        # the decoder is not a network evaluation of the denoiser
     assert dec.calls == 1 + 3                  # warm-up + one per batch, inside draw()

@@ -16,13 +16,13 @@ from bench_core.records import load_records, records_frame
 from bench_core.samplers import get_sampler
 from bench_core.schedules import make_grid
 from reproductions.ncsn import MODELS, NCSN_REPRO, NCSNDenoiser, dsm_loss
-from reproductions.sohl_dickstein import _cpu_threads
+from bench_core.measure import cpu_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
     """2-D toys: thousands of tiny calls, fastest on one thread (the results do not depend on it)."""
-    with _cpu_threads(1):
+    with cpu_threads(1):
         yield
 
 
@@ -172,8 +172,10 @@ def test_toy_claims_on_synthetic_records():
 
 def test_digits_claim_on_synthetic_records():
     cid = "ncsn-digits-annealing-helps"
-    assert _check(cid, _digits("annealed_langevin", [9.0, 9.5, 9.2]) + _digits("langevin", [130.0, 128.0, 135.0])).status == "pass"
-    assert _check(cid, _digits("annealed_langevin", [9.0, 14.0, 9.2]) + _digits("langevin", [10.0, 10.5, 11.0])).status == "inconclusive"
+    far = _digits("annealed_langevin", [9.0, 9.5, 9.2]) + _digits("langevin", [130.0, 128.0, 135.0])
+    assert _check(cid, far).status == "pass"
+    noisy = _digits("annealed_langevin", [9.0, 14.0, 9.2]) + _digits("langevin", [10.0, 10.5, 11.0])
+    assert _check(cid, noisy).status == "inconclusive"
     r = _check(cid, _digits("annealed_langevin", [30.0, 31.0, 32.0]) + _digits("langevin", [10.0, 10.5, 11.0]))
     assert r.status == "fail" and r.why
     # not at equal NFE (annealed with its denoising step): not compared

@@ -4,11 +4,12 @@ A tiny untrained U-Net (random weights, non-zero output layers) stands in for th
 """
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from bench_core import quant as Q
+from bench_core.methods import quant as Q
 from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.unet import DIGITS_SMALL, UNet
 from bench_core.schedules import alphas_cumprod, linear_betas
@@ -441,7 +442,7 @@ def test_corrupted_calibration_cache_is_recomputed_with_a_warning(tmp_path):
           "quant": {"calib_sampler_steps": 4, "n_calib": 8}}
     cache = tmp_path / "ckpt"
     first = rep.load_model("digits-w8a8-naive", ov, device="cpu", cache_dir=cache, progress=False)
-    calib = [p for p in cache.glob("*.pt") if p.stem == first.extra["calib_hash"]]
+    calib = [p for p in cache.glob("*.pt") if p.stem == first.model_metrics["quant_calib_hash"]]
     assert len(calib) == 1
     calib[0].write_bytes(calib[0].read_bytes()[:64])  # truncated
     with pytest.warns(UserWarning, match="recalibrating"):

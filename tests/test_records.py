@@ -29,7 +29,7 @@ def test_partial_tail_is_moved_aside_and_append_continues(tmp_path):
     store.append(Record(entry="d", fid=4.0))
     lines = store.path.read_bytes().split(b"\n")
     assert lines[-1] == b""
-    assert [json.loads(l)["entry"] for l in lines[:-1]] == ["a", "b", "d"]
+    assert [json.loads(line)["entry"] for line in lines[:-1]] == ["a", "b", "d"]
     assert b'"entry": "c"' in (tmp_path / "records.jsonl.partial").read_bytes()
 
 
@@ -58,7 +58,7 @@ def test_kill_during_writes_leaves_only_whole_lines(tmp_path):
     for line in path.read_bytes().splitlines():
         json.loads(line)
     assert load_records(path)[-1]["entry"] == "after"
-    assert len(raw) >= len(b"".join(l + b"\n" for l in raw.splitlines()[: len(recs)]))
+    assert len(raw) >= len(b"".join(line + b"\n" for line in raw.splitlines()[: len(recs)]))
 
 
 def test_record_key_identifies_runs():

@@ -131,9 +131,13 @@ class BrokenPlotsRep(reproductions.Reproduction):
 
 @pytest.fixture
 def fake_registry(monkeypatch):
-    monkeypatch.setattr(reproductions, "REPRODUCTIONS", {"toy": FakeRep(), "zz_broken": BrokenPlotsRep()})
-    monkeypatch.setattr(reproductions, "_loaded", True)
-    return reproductions.REPRODUCTIONS
+    from bench_core import plugin
+
+    fake = {"toy": FakeRep(), "zz_broken": BrokenPlotsRep()}
+    monkeypatch.setattr(plugin, "REGISTRY", fake)
+    monkeypatch.setattr(plugin, "_discovered", True)
+    monkeypatch.setattr(plugin, "_ERRORS", {})
+    return fake
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bench_core.denoiser import DiscreteVPEpsDenoiser, GaussianDenoiser, GMMDenoiser, NFECounter, score_from_denoiser
-from bench_core.samplers import SAMPLERS, get_sampler, load_all
+from bench_core.samplers import get_sampler, load_all
 from bench_core.schedules import alphas_cumprod, ddim_timesteps, discrete_grid, karras_grid, linear_betas, vp_sigmas
 from bench_core.seeding import SampleNoise, sample_seed
 
@@ -233,3 +233,18 @@ def test_gmm_oracle_score_matches_autograd():
     logp = gmm.log_prob(xg, 1.7).sum()
     (g,) = torch.autograd.grad(logp, xg)
     torch.testing.assert_close(score_from_denoiser(gmm, x, sigma), g, rtol=1e-6, atol=1e-8)
+
+
+def test_gmm_log_prob_keeps_float64_for_a_python_float_sigma():
+    """A Python-float sigma is taken in the mixture's dtype: the closed form N(0, (1 + s^2) I) to 1e-14, not the
+    ~1e-8 a float32 sigma would cost."""
+    import math
+
+    from bench_core.denoiser import GMMDenoiser
+
+    g = GMMDenoiser([1.0], [[0.0, 0.0]], [1.0])
+    x = torch.tensor([[0.3, -0.7]], dtype=torch.float64)
+    s = 0.1234567891234
+    v = 1 + s * s
+    exact = -math.log(2 * math.pi * v) - (0.3**2 + 0.7**2) / (2 * v)
+    assert abs(g.log_prob(x, s).item() - exact) <= 1e-14 * abs(exact)

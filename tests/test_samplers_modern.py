@@ -15,7 +15,6 @@ import math
 import sys
 import types
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch

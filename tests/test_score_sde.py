@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench_core.denoiser import GaussianDenoiser, GMMDenoiser, NFECounter, SDEEpsDenoiser
-from bench_core.likelihood import bits_per_dim, dequantize, ode_log_likelihood
+from bench_core.methods.likelihood import bits_per_dim, dequantize, ode_log_likelihood
 from bench_core.samplers import get_sampler
 from bench_core.schedules import geometric_grid
 from bench_core.seeding import SampleNoise
@@ -178,7 +178,8 @@ def test_overrides_are_validated():
 
 def test_suite_run_records_likelihood_gap_and_bits_per_dim(tmp_path):
     from bench_core.records import load_records
-    from bench_core.suite import parse_suite, run_suite
+    from bench_core.runner import run_suite
+    from bench_core.suite import parse_suite
     import pandas as pd
 
     suite = parse_suite({"name": "t", "defaults": {"num_samples": 32, "batch_size": 32}, "entries": [
@@ -220,7 +221,7 @@ def test_suite_run_records_likelihood_gap_and_bits_per_dim(tmp_path):
 def test_gaussian_log_density_is_scipys():
     from scipy.stats import multivariate_normal
 
-    from bench_core.likelihood import gaussian_log_density
+    from bench_core.methods.likelihood import gaussian_log_density
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(5, 5, generator=g, dtype=torch.float64)
@@ -234,7 +235,7 @@ def test_gaussian_bits_per_dim_baseline_is_the_gaussian_entropy():
     """Pixels y ~ N(m, C) in [0, 256) with std >> 1, quantized to k = floor(y) and dequantized by k + U: the
     dequantized density is the Gaussian's up to O(1/std^2), so the fitted baseline's bits/dim on fresh images
     is the entropy 1/2 log2 det(2 pi e C) / D (in uint8 units, where bits/dim is read)."""
-    from bench_core.likelihood import gaussian_bits_per_dim
+    from bench_core.methods.likelihood import gaussian_bits_per_dim
 
     g = torch.Generator().manual_seed(0)
     D = 4

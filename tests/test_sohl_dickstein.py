@@ -148,7 +148,7 @@ def test_reproduction_through_the_harness(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_knn_entropy_matches_the_gaussian_closed_form():
     """H(N(mu, C)) = 1/2 log det(2 pi e C), in 1, 2 and 3 dimensions, within 4 standard errors + a small bias."""
-    from bench_core.likelihood import knn_entropy
+    from bench_core.methods.likelihood import knn_entropy
 
     g = torch.Generator().manual_seed(0)
     for d in (1, 2, 3):

@@ -2,9 +2,10 @@
 
 The reference is the network with naive (materialised-softmax) attention, unfused GroupNorm and SiLU,
 fp32, contiguous memory, eager execution.  Each option must give the reference's output within
-``bench_core.accel.tolerance`` (relative to the output's largest magnitude): 1e-5 for fp32 options,
+``bench_core.methods.accel.tolerance`` (relative to the output's largest magnitude): 1e-5 for fp32 options,
 5e-2 for bfloat16.  CUDA-only options are tested when a GPU is present (TF32 off there; fp32 is held
-to 1e-4 because cuDNN's autotuner may pick FFT / Winograd convolutions).  No timings are asserted here: speed lives in benchmarks/speed_ablation.py.
+to 1e-4 because cuDNN's autotuner may pick FFT / Winograd convolutions).  No timings are asserted here: speed lives in
+benchmarks/speed_ablation.py.
 """
 import json
 import os
@@ -15,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench_core.accel import (
+from bench_core.methods.accel import (
     AccelOptions, CUDAGraphDenoiser, CUDAGraphed, CUDAGraphSampler, ablation_options, accelerated_denoiser, apply,
     host_sync_check, random_weights_, relative_error, tolerance,
 )
 from bench_core.nets import unet as unet_mod
+from bench_core.nets import norm_act as norm_act_mod
 from bench_core.nets.unet import DIGITS_SMALL, UNet, UNetConfig, chunked_attention
 from bench_core.samplers import get_sampler, sample_ddim, sample_euler
 from bench_core.schedules import alphas_cumprod, discrete_grid, linear_betas
@@ -140,7 +142,7 @@ def test_fused_norm_act_replaces_every_norm_silu_pair():
     """With the switch on, every norm_act site goes through the fused function (and only those)."""
     net = _net(SMALL_ADM).set_fused_norm_act(True)
     calls = []
-    orig = unet_mod._fused_norm_act_fn
+    orig = norm_act_mod._fused_norm_act_fn
 
     def spy():
         fn = orig()
@@ -151,19 +153,19 @@ def test_fused_norm_act_replaces_every_norm_silu_pair():
         return wrapped
 
     x, t = _inputs(SMALL_ADM, batch=2)
-    unet_mod._fused_norm_act_fn, saved = spy, unet_mod._fused_norm_act_fn
+    norm_act_mod._fused_norm_act_fn, saved = spy, norm_act_mod._fused_norm_act_fn
     try:
         with torch.no_grad():
             net(x, t)
     finally:
-        unet_mod._fused_norm_act_fn = saved
+        norm_act_mod._fused_norm_act_fn = saved
     n_res = sum(isinstance(m, unet_mod.ResBlock) for m in net.modules())
     assert len(calls) == 2 * n_res + 1  # norm1 and norm2 of each residual block, plus norm_out
 
 
 def test_fused_norm_act_eager_fallback(monkeypatch):
     """Without a compiler backend the option warns and runs the same math unfused."""
-    monkeypatch.setattr(unet_mod, "_FUSED_NORM_ACT", {"fn": None, "backend": ""})
+    monkeypatch.setattr(norm_act_mod, "_FUSED_NORM_ACT", {"fn": None, "backend": ""})
 
     def broken_compile(*a, **k):
         raise RuntimeError("no backend")
@@ -175,7 +177,7 @@ def test_fused_norm_act_eager_fallback(monkeypatch):
         ref = net(x, t)
         with pytest.warns(UserWarning, match="unfused"):
             out = apply(net, AccelOptions(fused_norm_act=True))(x, t)
-    assert unet_mod.fused_norm_act_backend() == "eager-fallback"
+    assert norm_act_mod.fused_norm_act_backend() == "eager-fallback"
     assert relative_error(out, ref) < 1e-6
 
 
@@ -245,7 +247,7 @@ def test_accelerated_denoiser_samples_like_reference():
 TRITON_CHECK = r"""
 import json, torch
 import torch.nn.functional as F
-from bench_core.accel import AccelOptions, apply, random_weights_, relative_error, tolerance
+from bench_core.methods.accel import AccelOptions, apply, random_weights_, relative_error, tolerance
 from bench_core.nets.triton_norm import group_norm_silu
 from bench_core.nets.unet import UNet, UNetConfig
 

@@ -124,25 +124,7 @@ def test_failing_entry_does_not_stop_the_suite(tmp_path, monkeypatch):
 # a kill mid-run followed by --resume: tests/test_guards.py (test_a_kill_mid_run_loses_nothing_and_resume_finishes)
 
 
-def test_smoke_suite_end_to_end(tmp_path):
-    out = tmp_path / "smoke"
-    assert main(["run", "--suite", "smoke", "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-                 "--no-progress"]) == 0
-    recs = load_records(out)
-    suite = load_suite("smoke")
-    assert len(recs) == len(suite.runs) and all(r["status"] == "ok" for r in recs)
-    # every registered paper with models of its own is in the smoke suite (solvers runs on the ddpm model)
-    import reproductions
-
-    assert {r["reproduction"] for r in recs} == {n for n, r in reproductions.load_all().items() if r.models}
-    report = (out / "report.md").read_text()
-    assert "Scorecard" in report and "Leaderboard" in report
-    assert any((out / "plots").glob("*.png"))
-    # a second run reuses the trained model (no training time recorded)
-    out2 = tmp_path / "smoke2"
-    assert main(["run", "--suite", "smoke", "--out", str(out2), "--cache-dir", str(tmp_path / "cache"),
-                 "--no-progress", "--no-report"]) == 0
-    assert all(not r["train_sec"] for r in load_records(out2))
+# the smoke suite end to end, from an installed wheel: tests/test_wheel.py
 
 
 def test_corrupted_checkpoint_and_missing_dataset_stop_before_any_work(tmp_path, capsys, monkeypatch):

@@ -154,12 +154,12 @@ CASES = [
 @pytest.fixture(autouse=True)
 def no_work(monkeypatch):
     """A suite that is wrongly accepted fails its test at once instead of training and sampling."""
-    import bench_core.suite as suite_mod
+    import bench_core.runner as runner_mod
 
     def refuse(*a, **k):
         raise AssertionError("the suite was accepted and work started")
 
-    monkeypatch.setattr(suite_mod, "run_suite", refuse)
+    monkeypatch.setattr(runner_mod, "run_suite", refuse)
 
 
 def _assert_refused(rc: int, err: str, needle: str, out: Path) -> None:
@@ -201,7 +201,7 @@ def test_every_problem_of_a_suite_in_one_message(tmp_path, capsys):
     assert [p.split(":")[0] for p in ei.value.problems] == [
         "entries[0] (a).steps", "entries[1] (b).grid.rho", "entries[2] (c).model_overrides",
         "entries[2] (c).model_overrides", "entries[3] (d).num_samples"]
-    path, out = tmp_path / "bad.yaml", tmp_path / "out"
+    path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
@@ -359,7 +359,7 @@ def test_every_preset_is_within_its_fields_ranges():
                 yield f"{path}{f.name}", r.check(v)
 
     checked = 0
-    for rep in reproductions.load_all().values():
+    for rep in reproductions.discover().values():
         for model in rep.models:
             cfg = rep.model_config(model, {})
             assert rep.size_errors(cfg) == [], (rep.name, model)

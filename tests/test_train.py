@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench_core.data import default_data_root
 from bench_core.train import (EMA, CheckpointCache, CheckpointError, TrainConfig, TrainingDiverged, config_hash,
                               default_cache_dir, lr_at, train)
 
@@ -267,5 +268,15 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "c"
     assert CheckpointCache().dir == tmp_path / "c"
     monkeypatch.delenv("DIFFBENCH_CACHE")
-    d = default_cache_dir()
-    assert d.name == ".diffbench_cache" and (d.parent / "bench_core").is_dir()
+    monkeypatch.delenv("DIFFBENCH_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "diffbench"
+    assert default_data_root() == tmp_path / "xdg" / "diffbench" / "data"
+    # unset, or relative (which the XDG specification says to ignore): ~/.cache, never the source tree
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert default_cache_dir() == tmp_path / "home" / ".cache" / "diffbench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "diffbench"
+    assert default_data_root() == tmp_path / "home" / ".cache" / "diffbench" / "data"

@@ -28,6 +28,8 @@ import torch_fidelity
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor
 
+from bench_core.data import convert_channels, load_digits, resize_uint8
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DIGITS_WEIGHTS = WEIGHTS_DIR / "digits_cnn.pt"
 DIGITS_NAME = "diffbench-digits-cnn"
@@ -62,8 +64,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def load_digits_uint8() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1797 scikit-learn digits as uint8 images (N, 1, 8, 8) (pixel v -> round(v * 255 / 16)) and labels."""
-    from bench_core.data import load_digits
-
     ds = load_digits()
     return ds.reference_uint8(), ds.labels.to(torch.int64)
 
@@ -191,8 +191,6 @@ def prepare_images(images_u8: torch.Tensor, channels: int, resolution: int | Non
     Channels: 1 -> 3 by repetition, 3 -> 1 by luma; size: bilinear resizing (antialiased when
     shrinking) and re-quantising to uint8; both by ``bench_core.data``'s image helpers.
     """
-    from bench_core.data import convert_channels, resize_uint8
-
     if not torch.is_tensor(images_u8) or images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
         raise ValueError("images must be a uint8 tensor (N, C, H, W) in [0, 255]; use to_uint8() on model output")
     if images_u8.shape[1] not in (1, 3):

@@ -4,6 +4,8 @@ All functions take (N, D) arrays or tensors and compute in float64 numpy.
 """
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 DEFAULT_BANDWIDTHS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
@@ -72,8 +74,6 @@ _SELF_SUMS: dict[tuple, float] = {}
 def _self_kernel_sum(y: np.ndarray, bandwidths) -> float:
     """``_kernel_sum(y, y)``, remembered per (points, bandwidths): the reference set's term is the same in every
     run against it and is the costly one (20k reference points: 4e8 kernel terms per bandwidth)."""
-    import hashlib
-
     key = (hashlib.sha1(np.ascontiguousarray(y).tobytes()).hexdigest(), y.shape, y.dtype.str, tuple(bandwidths))
     if key not in _SELF_SUMS:
         if len(_SELF_SUMS) > 32:

@@ -31,7 +31,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from bench_core.denoiser import DiscreteVPEpsDenoiser
 from bench_core.nets.unet import UNet, UNetConfig
+from bench_core.schedules import alphas_cumprod, linear_betas
 
 __all__ = [
     "DiffusersImportError", "unet_config_from_diffusers", "convert_diffusers_state_dict",
@@ -323,7 +325,7 @@ def load_diffusers_state_dict(weights: str | Path) -> dict[str, Tensor]:
     weights = Path(weights)
     if weights.suffix == ".safetensors":
         try:
-            from safetensors.torch import load_file
+            from safetensors.torch import load_file  # noqa: PLC0415 - optional dependency, .safetensors files only
         except ImportError as e:
             raise ImportError(f"reading {weights.name} needs the safetensors package: pip install safetensors") from e
         return load_file(str(weights), device="cpu")
@@ -372,9 +374,6 @@ def ddpm_denoiser_from_diffusers(path: str | Path, **runtime):
         den = ddpm_denoiser_from_diffusers("ddpm-cifar10-32")
         # den(x, sigma) -> x0 estimate; use any sampler with e.g. schedules.discrete_grid(abar, 50)
     """
-    from bench_core.denoiser import DiscreteVPEpsDenoiser
-    from bench_core.schedules import alphas_cumprod, linear_betas
-
     net = load_diffusers_unet(path, **runtime)
     if net.cfg.out_channels != net.cfg.in_channels:
         raise DiffusersImportError(

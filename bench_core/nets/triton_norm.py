@@ -11,7 +11,8 @@ the paper did it: a specialised kernel instead of a compiler's.  One program nor
 Statistics are fp32 whatever x's dtype; y has x's dtype and memory format (NCHW or channels-last,
 read through the strides).  It runs on CUDA tensors, and on CPU tensors through Triton's interpreter
 when the process starts with ``TRITON_INTERPRET=1`` (Triton reads it when the kernels are defined, at import;
-that is how the tests check the kernel here, in a subprocess: slow, exact same code).  Inference only: with autograd recording, :func:`group_norm_silu`
+that is how the tests check the kernel here, in a subprocess: slow, exact same code).  Inference only: with autograd
+recording, :func:`group_norm_silu`
 runs the unfused torch ops so that training is unaffected.
 """
 import os
@@ -19,7 +20,6 @@ import os
 import torch
 from torch import Tensor
 
-from bench_core.nets.unet import _group_norm_silu
 
 try:  # Triton ships with torch's CUDA wheels on Linux; elsewhere the option says it is unavailable
     import triton
@@ -111,7 +111,8 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: f
                     scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
     """silu(GroupNorm(x) [* (1 + scale) + shift]) for x of shape (B, C, H, W); scale/shift (B, C[, 1, 1])."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, scale, shift)):
-        return _group_norm_silu(x, weight, bias, groups, eps, scale, shift)  # training: autograd through torch ops
+        raise RuntimeError("the Triton GroupNorm+SiLU kernel has no backward pass: call it under torch.no_grad() "
+                           "(bench_core.nets.norm_act.norm_act runs the eager ops when gradients are needed)")
     if triton is None or not (x.is_cuda or _INTERPRETING):  # (cheap: this runs for every norm of every call)
         raise RuntimeError(available(x.device))
     if x.ndim != 4:

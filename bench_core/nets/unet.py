@@ -16,7 +16,7 @@ block instead of a plain strided conv / upsample conv) and ``num_head_channels``
 attention head instead of a fixed number of heads).
 
 Speed options (Chen et al. 2023, "Speed is all you need"), runtime only: they change how the
-network computes, never its parameters or state_dict keys (``bench_core.accel`` switches them):
+network computes, never its parameters or state_dict keys (``bench_core.methods.accel`` switches them):
 ``set_attn_impl("naive" | "chunked" | "sdpa")`` picks the attention kernel and
 ``set_fused_norm_act(True | "compile" | "triton")`` runs every GroupNorm followed by SiLU as one fused
 kernel (torch.compile's, or the hand-written Triton kernel of ``bench_core.nets.triton_norm``).
@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bench_core.nets.norm_act import NORM_ACT_KERNELS, norm_act
 
 ATTN_IMPLS = ("naive", "chunked", "sdpa")
 DEFAULT_ATTN_CHUNK = 1024  # queries per chunk of the "chunked" attention
@@ -147,72 +149,6 @@ def num_groups(channels: int, norm_groups: int) -> int:
 
 def group_norm(channels: int, norm_groups: int, eps: float = 1e-6) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels, norm_groups), channels, eps=eps)
-
-
-def _group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float,
-                     scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-    """silu(GroupNorm(x) * (1 + scale) + shift): the norm -> (AdaGN modulation) -> activation chain."""
-    h = F.group_norm(x, groups, weight, bias, eps)
-    if scale is not None:
-        h = h * (1 + scale) + shift
-    return F.silu(h)
-
-
-_FUSED_NORM_ACT = {"fn": None, "backend": ""}
-
-
-def fused_norm_act_backend() -> str:
-    """How the fused GroupNorm+SiLU runs: "inductor" (torch.compile: a generated Triton kernel on
-    CUDA, C++ on CPU) or "eager-fallback" (torch.compile unavailable; same math, unfused)."""
-    _fused_norm_act_fn()
-    return _FUSED_NORM_ACT["backend"]
-
-
-def _fused_norm_act_fn():
-    """The compiled GroupNorm+SiLU, built once (torch.compile fuses the reduction and activation)."""
-    if _FUSED_NORM_ACT["fn"] is None:
-        try:
-            import torch._dynamo
-
-            # one compiled function serves every (shape, dtype) of every network: allow recompiles
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-            _FUSED_NORM_ACT["fn"] = torch.compile(_group_norm_silu, dynamic=True)
-            _FUSED_NORM_ACT["backend"] = "inductor"
-        except Exception as e:  # noqa: BLE001 - no compiler backend: say so and run unfused
-            _fused_fallback(f"torch.compile unavailable ({type(e).__name__}: {e})")
-    return _FUSED_NORM_ACT["fn"]
-
-
-def _fused_fallback(reason: str) -> None:
-    """From now on the 'fused' GroupNorm+SiLU runs the eager ops; warn once with the reason."""
-    import warnings
-
-    warnings.warn(f"fused GroupNorm+SiLU: {reason}; running the unfused eager ops instead")
-    _FUSED_NORM_ACT.update(fn=_group_norm_silu, backend="eager-fallback")
-
-
-NORM_ACT_KERNELS = ("compile", "triton")
-
-
-def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool | str = False, scale: Tensor | None = None,
-             shift: Tensor | None = None) -> Tensor:
-    """silu(norm(x) [* (1 + scale) + shift]), as one fused kernel when ``fused``: "compile" (or True) for
-    torch.compile's generated kernel, "triton" for the hand-written one (``bench_core.nets.triton_norm``)."""
-    if fused == "triton":
-        from bench_core.nets.triton_norm import group_norm_silu
-
-        return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
-    if fused:
-        try:
-            return _fused_norm_act_fn()(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
-        except Exception as e:  # noqa: BLE001 - a compile failure at the first call: fall back, loudly
-            if _FUSED_NORM_ACT["backend"] != "inductor":
-                raise
-            _fused_fallback(f"compiling failed ({type(e).__name__}: {str(e)[:200]})")
-            return _group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
-    return _group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,

@@ -15,15 +15,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import pandas as pd
 
 from bench_core.atomic import atomic_path
-from bench_core.records import sampler_label
-from bench_core.stats import rank_label, rank_with_ties, summarize
+from bench_core.plugin import discover, discovery_errors
+from bench_core.records import Record, records_frame, sampler_label
+from bench_core.stats import Summary, rank_label, rank_with_ties, summarize
 
 # every figure is a mean over sampling seeds with its standard error and 95% Student-t interval
 INTERVAL_METRICS = ("fid", "kid", "precision", "recall")
@@ -331,8 +332,8 @@ def fmt_interval(mean: Any, lo: Any, hi: Any, decimals: int = 2) -> str:
     m = finite(mean)
     if m is None:
         return MISSING
-    l, h = finite(lo), finite(hi)
-    return f"{m:.{decimals}f}" if l is None or h is None else f"{m:.{decimals}f} ± {(h - l) / 2:.{decimals}f}"
+    a, b = finite(lo), finite(hi)
+    return f"{m:.{decimals}f}" if a is None or b is None else f"{m:.{decimals}f} ± {(b - a) / 2:.{decimals}f}"
 
 
 def _metric(name: str, decimals: int):
@@ -418,10 +419,6 @@ def to_markdown(df: pd.DataFrame, *, heading_level: int = 3) -> str:
 # --------------------------------------------------------------------------------------------
 def records_df(records: Iterable[Any]) -> pd.DataFrame:
     """``records_frame`` of the records, with every ``Record`` column present even when empty."""
-    from dataclasses import fields
-
-    from bench_core.records import Record, records_frame
-
     df = records_frame(as_dicts(records))
     for f in fields(Record):
         if f.name not in df.columns:
@@ -434,23 +431,8 @@ def records_df(records: Iterable[Any]) -> pd.DataFrame:
 def load_registry() -> tuple[dict, list[tuple[str, str]]]:
     """The registered reproductions, sorted by name, and the (module, message) of any that failed
     to import.  One broken paper module never hides the others."""
-    import importlib
-
-    import reproductions
-
-    errors: list[tuple[str, str]] = []
-    if not reproductions._loaded:
-        try:
-            reproductions.load_all()
-        except Exception:
-            # load_all stops at the first failure: import the modules one by one instead
-            for m in reproductions.MODULES:
-                try:
-                    importlib.import_module(f"reproductions.{m}")
-                except Exception as e:  # noqa: BLE001 - reported, never fatal
-                    errors.append((f"reproductions.{m}", f"{type(e).__name__}: {e}"))
-    reps = reproductions.REPRODUCTIONS
-    return {name: reps[name] for name in sorted(reps)}, errors
+    reps = discover(strict=False)
+    return {name: reps[name] for name in sorted(reps)}, list(discovery_errors().items())
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,8 +477,6 @@ def nfe_view(records: list[dict], nfes=(5, 10, 20), *, tolerance: float = 1.0, m
 
 
 def _as_summary(r):
-    from bench_core.stats import Summary
-
     return Summary(int(r["n_seeds"]), float(r["fid_mean"]), math.nan, float(r["fid_sem"]),
                    float(r["fid_ci_lo"]), float(r["fid_ci_hi"]))
 

@@ -204,7 +204,8 @@ def cost_markdown(records: list[dict]) -> str:
         return "_No records._"
     devices = sorted({str(r.get("device_name") or r.get("device") or "") for r in records} - {""})
     total, train = t["wall (min)"].sum(), t["training (min)"].sum()
-    return (f"This run (suite `{main_suite or '?'}`): {int(t['runs'].sum())} runs, {total:.1f} minutes of run wall time in all, of which "
+    return (f"This run (suite `{main_suite or '?'}`): {int(t['runs'].sum())} runs, {total:.1f} minutes of run wall time "
+            f"in all, of which "
             f"{train:.1f} training the models from an empty cache (a cached re-run skips it); "
             f"{', '.join(devices) or 'unknown device'}.\n\n"
             + markdown_table(t, formatters={"training (min)": lambda v: f"{v:.1f}", "wall (min)": lambda v: f"{v:.1f}"}))

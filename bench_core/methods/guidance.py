@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .denoiser import DenoiserWrapper, bcast, expand_sigma
+from ..denoiser import DenoiserWrapper, bcast, expand_sigma
 
 
 class ClassifierGuidance(DenoiserWrapper):

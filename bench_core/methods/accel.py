@@ -11,7 +11,7 @@ network running with them:
 - ``fused_norm_act``: every GroupNorm followed by SiLU as one kernel.  ``norm_act_kernel`` says whose:
   "compile" (default) has torch.compile generate it (a Triton kernel on CUDA, C++ on CPU; without a
   compiler backend it falls back, with a warning, to the unfused ops --
-  ``bench_core.nets.unet.fused_norm_act_backend()`` says which ran); "triton" runs the hand-written
+  ``bench_core.nets.norm_act.fused_norm_act_backend()`` says which ran); "triton" runs the hand-written
   Triton kernel of ``bench_core.nets.triton_norm`` (CUDA; on CPU only under TRITON_INTERPRET=1).
 - ``compile``: torch.compile the whole network (beyond the paper: every elementwise chain fused, not
   just norm + activation; the network's own fused_norm_act switch is then left to the compiler).
@@ -42,10 +42,8 @@ from torch import Tensor, nn
 
 from bench_core.denoiser import DenoiserWrapper, DiscreteVPEpsDenoiser, GaussianDenoiser, expand_sigma
 from bench_core.nets import triton_norm
-from bench_core.nets.unet import (
-    ATTN_IMPLS, DDPM_CIFAR10, DEFAULT_ATTN_CHUNK, DIGITS_SMALL, NORM_ACT_KERNELS, UNet, UNetConfig,
-    fused_norm_act_backend,
-)
+from bench_core.nets.norm_act import NORM_ACT_KERNELS, fused_norm_act_backend
+from bench_core.nets.unet import ATTN_IMPLS, DDPM_CIFAR10, DEFAULT_ATTN_CHUNK, DIGITS_SMALL, UNet, UNetConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -49,6 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..nets.unet import Block, UNet
+from ..samplers import get_sampler
+from ..schedules import make_grid
+from ..seeding import SampleNoise, sample_seed
+
 CALIB_VERSION = 3              # bump when calibration changes its result for the same config (cache key)
 FLOAT_BITS = 32                 # "32 bits": that tensor stays in float
 INT_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -346,8 +351,6 @@ def shortcut_splits(net: nn.Module) -> dict[str, list[int]]:
     ``conv1`` (after GroupNorm + SiLU) and ``skip`` (a 1x1 conv on the concatenation itself) read
     ``h``'s channels first, then the skip's.  Returns {module name: [channels of h, channels of skip]}.
     """
-    from .nets.unet import Block, UNet
-
     if not isinstance(net, UNet):
         return {}
     cur = net.mid[-1].conv2.out_channels
@@ -370,8 +373,6 @@ def wrap_layers(net: nn.Module, cfg: QuantConfig) -> nn.Module:
     splits = shortcut_splits(qnet) if cfg.split_shortcut else {}
     names = [n for n, m in qnet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     first_last = {names[0], names[-1]} if names and cfg.first_last_8bit else set()
-    from .nets.unet import UNet
-
     if isinstance(qnet, UNet) and cfg.first_last_8bit:
         first_last = {"conv_in", "conv_out"}
     for n in names:
@@ -407,10 +408,6 @@ def gather_calibration(denoiser, net: nn.Module, sample_shape: tuple, cfg: Quant
     on the first steps; with n_calib < S, n_calib steps uniformly spaced).  ``naive``: all from step
     ``naive_step``.  Trajectories run only as far as needed.
     """
-    from .samplers import get_sampler
-    from .schedules import make_grid
-    from .seeding import SampleNoise, sample_seed
-
     S = cfg.calib_sampler_steps
     seed = cfg.seed if generator_seed is None else generator_seed
     if cfg.calib == "naive":
@@ -510,11 +507,6 @@ def calibrate_activations(qnet: nn.Module, calib: CalibSet, method: str) -> None
 
 
 ZETA, GAMMA = 1.1, -0.1   # AdaRound's stretched sigmoid, Nagel et al. 2020, Eq. 23
-
-
-def _h(V: Tensor) -> Tensor:
-    """Rectified sigmoid h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), Nagel et al. 2020, Eq. 23."""
-    return torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
 
 
 def _columns(m: QuantLayer, x: Tensor) -> Tensor:

@@ -22,8 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from .samplers import dopri5, prob_flow_rhs
-from .seeding import SampleNoise, randn_like
+from ..samplers import dopri5, prob_flow_rhs
+from ..seeding import SampleNoise, randn_like
 
 
 def _probe(x: Tensor, kind: str, generator=None) -> Tensor:
@@ -143,7 +143,7 @@ def knn_entropy(x: Tensor, k: int = 4) -> tuple[float, float]:
     distance of each point to its k-th nearest other point, V_d the volume of the unit d-ball (Kozachenko &
     Leonenko 1987; Kraskov, Stoegbauer & Grassberger 2004, Eq. 20).  The standard error is that of the mean
     of the per-point terms (the terms are weakly dependent; a guide to the noise, not an exact interval)."""
-    from scipy.special import digamma, gammaln
+    from scipy.special import digamma, gammaln  # noqa: PLC0415 - lazy: scipy only for the k-NN entropy
 
     x = x.double().flatten(1)
     N, d = x.shape
