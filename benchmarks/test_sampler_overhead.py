@@ -1,7 +1,7 @@
 """Sampler overhead: sampler wall time / (NFE x one denoiser call), on the digits U-Net at the
 default suite's batch size.  Target <= 1.05 on CPU.  Measured, never asserted:
 
-    pytest benchmarks/test_sampler_overhead.py --benchmark-columns=median,rounds
+    pytest -n 0 benchmarks/test_sampler_overhead.py --benchmark-columns=median,rounds   # -n 0: one process, timed alone
 
 The ratio of every sampler is printed and stored in the benchmark's extra_info (see
 ``--benchmark-json``).
