@@ -171,16 +171,17 @@ class EDM(Reproduction):
         fig = new_figure(9.0, 3.6 * len(panels), layout="constrained")  # stacked: each legend beside its own panel
         for i, (panel, series) in enumerate(panels.items()):
             ax = fig.add_subplot(len(panels), 1, i + 1)
+            means = []
             for lab, pts in series.items():
                 nfe = sorted(pts)
                 st = [summarize(pts[n]) for n in nfe]
                 mean = [x.mean for x in st]
+                means += mean
                 err = [[x.mean - x.lo if x.has_interval else 0 for x in st],
                        [x.hi - x.mean if x.has_interval else 0 for x in st]]
-                ax.errorbar(nfe, mean, yerr=err, ms=3, label=lab, color=style[lab]["color"], marker=style[lab]["marker"],
-                            ls=style[lab]["ls"], capsize=2, elinewidth=0.8)
+                ax.errorbar(nfe, mean, yerr=err, ms=3, label=lab, capsize=2, elinewidth=0.8, **style[lab])
             ax.set_xscale("log")
-            ax.set_yscale(fid_yscale([summarize(v).mean for pts in series.values() for v in pts.values()]))
+            ax.set_yscale(fid_yscale(means))
             ax.set_xlabel("NFE (counted)")
             ax.set_ylabel("FID (mean ± 95% interval over seeds)")
             ax.set_title(panel, fontsize=9)

@@ -255,11 +255,6 @@ def fmt_sig(x: Any, digits: int = 3) -> str:
     return f"{rounded:.{decimals}f}"
 
 
-def fmt_fixed(x: Any, decimals: int = 2) -> str:
-    v = finite(x)
-    return MISSING if v is None else f"{v:.{decimals}f}"
-
-
 def fmt_nfe(x: Any) -> str:
     v = finite(x)
     if v is None:

@@ -105,10 +105,6 @@ def styles(labels: Iterable[str]) -> dict[str, dict]:
             for i, lab in enumerate(labels)}
 
 
-def _colors(labels: Iterable[str]) -> dict[str, Any]:
-    return {lab: st["color"] for lab, st in styles(labels).items()}
-
-
 def fid_yscale(values) -> str:
     """'log' when the positive finite FIDs span a decade or more (max/min >= 10), else 'linear'."""
     v = np.asarray([x for x in np.asarray(values, dtype=float).ravel() if np.isfinite(x)])
@@ -213,7 +209,6 @@ def _fid_axes(fig) -> None:
 
 
 def _wrap_label(text: str, width: int = LEGEND_LABEL_WIDTH) -> str:
-
     return "\n".join(textwrap.fill(part, width, break_long_words=False, break_on_hyphens=False)
                      for part in str(text).split("\n"))
 
