@@ -212,7 +212,7 @@ def cmd_report(args) -> int:
 
     paths = _records_paths(args)
     out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent)
-    path = write_report(paths[0], out)
+    path = write_report(paths if len(paths) > 1 else paths[0], out)  # every --records path, not the first only
     print(f"report: {path}")
     if args.readme:
         changed = update_readme(Path(args.readme), paths[0])
@@ -310,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write one Markdown report: tables, leaderboard, plots, scorecard")
     rp.add_argument("--records", nargs="+", help="records file or folder (default: results/)")
     rp.add_argument("--out", default=None, help="folder for report.md and plots/ (default: the records folder)")
-    rp.add_argument("--readme", default=None, help="also refresh the generated sections of this README")
+    rp.add_argument("--readme", default=None, help="also refresh the generated sections of this README "
+                         "(from the first --records path, whose folder its links point into)")
     rp.set_defaults(fn=cmd_report)
 
     ls = sub.add_parser("list", help="list samplers, reproductions, suites and datasets")

@@ -492,3 +492,19 @@ def test_real_full_disk_records_and_report(tiny_disk):
     assert len(resumed.done_keys()) == written
     resumed.append(_rec(seed=written, error="e" * 20_000))
     assert [r["seed"] for r in load_records(p)] == list(range(written + 1))
+
+
+def test_report_reads_every_records_path(tmp_path):
+    """`diffbench report --records A B`: the report is made from both (it used to read the first only)."""
+    from bench_core.cli import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "records.jsonl").write_bytes(_line(seed=0, steps=10, nfe=10.0, fid=3.0))
+    (b / "records.jsonl").write_bytes(_line(seed=1, steps=10, nfe=10.0, fid=4.0))
+    assert main(["report", "--records", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "- records: 2" in text, text[:600]
+    assert main(["report", "--records", str(a), "--out", str(tmp_path / "rep1")]) == 0
+    assert "- records: 1" in (tmp_path / "rep1" / "report.md").read_text()
