@@ -18,8 +18,9 @@ def _rows(path: str) -> list[dict]:
     return [b for b in json.load(open(path))["benchmarks"] if b["name"].startswith("test_sampler_overhead[")]
 
 
-def table(path: str) -> str:
-    rows = _rows(path)
+def table(path: str, rows: list[dict] | None = None) -> str:
+    """The Markdown table of the benchmark JSON at ``path`` (or of its already-loaded ``rows``)."""
+    rows = _rows(path) if rows is None else rows
     lines = ["| sampler | options | NFE | own work (ms) | bare calls (s) | overhead: own work | within 1.05 "
              "| whole run, fastest round | whole run, median round | calls in the loop / alone |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
@@ -36,10 +37,11 @@ def table(path: str) -> str:
 
 
 def readme(path: str) -> str:
-    rows = [b["extra_info"] for b in _rows(path)]
+    benches = _rows(path)  # the JSON read once
+    rows = [b["extra_info"] for b in benches]
     whole = [e["overhead_ratio"] for e in rows]
     own = [e["overhead_ratio_own_work"] for e in rows if e.get("overhead_ratio_own_work") is not None]
-    lo = min(zip(whole, (b["params"]["name"] for b in _rows(path))))
+    lo = min(zip(whole, (b["params"]["name"] for b in benches)))
     return f"""# Sampler overhead on the CPU (digits U-Net, batch {rows[0]['batch']})
 
 `pytest -n 0 benchmarks/test_sampler_overhead.py -s --benchmark-columns=median,rounds --benchmark-json={path}`
@@ -66,7 +68,7 @@ Overhead = sampler wall time / wall time of the same denoiser calls, measured tw
 
 One denoiser call took {rows[0]['denoiser_call_s'] * 1e3:.1f} ms (median of 30).
 
-{table(path)}
+{table(path, benches)}
 """
 
 
