@@ -112,6 +112,20 @@ def cmd_run(args) -> int:
     if args.inception_weights and not Path(args.inception_weights).exists():
         print(f"error: Inception weights file {args.inception_weights} does not exist", file=sys.stderr)
         return 2
+    if args.train_jobs == "auto":
+        from .pretrain import auto_jobs  # noqa: PLC0415 - lazy: keeps the CLI start fast
+
+        args.train_jobs = auto_jobs()
+    else:
+        given = args.train_jobs
+        try:
+            args.train_jobs = int(given)
+        except ValueError:
+            args.train_jobs = 0
+        if args.train_jobs < 1:
+            print(f"error: --train-jobs must be a whole number >= 1 or 'auto', got {given!r}",
+                  file=sys.stderr)
+            return 2
     if args.dry_run:
         return _dry_run(args, suite, out)
     from .distributed import DistributedError, init_from_env  # noqa: PLC0415 - lazy: keeps the CLI start fast
@@ -127,7 +141,7 @@ def cmd_run(args) -> int:
         with stop_on_signals():
             summary = run_suite(suite, out, device=args.device, resume=args.resume, cache_dir=args.cache_dir,
                                 progress=not args.no_progress, inception_weights=args.inception_weights,
-                                timeout=args.run_timeout)
+                                timeout=args.run_timeout, train_jobs=args.train_jobs)
     except (PreflightError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1 if getattr(e, "during_run", False) else 2
@@ -286,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-seed", type=int, default=0, metavar="K",
                    help="add K to every entry's training seeds: the same suite on freshly trained models "
                         "(another checkpoint in the cache; default: %(default)s)")
+    r.add_argument("--train-jobs", default="auto", metavar="N",
+                   help="on a CPU, train the suite's uncached models first in N processes side by side (the small "
+                        "models train ~1.6x faster as two 1-thread processes than one after the other on 2 "
+                        "threads); sampling and its timings stay in one process. 'auto': one per CPU core, at most "
+                        "4; 1: train each model where it is first used (default: %(default)s)")
     r.add_argument("--run-timeout", type=float, default=None, metavar="SECONDS",
                    help="time limit per run (sampling and metrics; a suite entry's 'timeout' key also applies, the "
                         "tighter wins): a run past it is stopped and recorded as an error, the suite goes on "

@@ -348,10 +348,12 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT}
 
 def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume: bool = False,
               cache_dir: str | Path | None = None, progress: bool = True, inception_weights: str | None = None,
-              timeout: float | None = None, log=print) -> dict:
+              timeout: float | None = None, train_jobs: int = 1, log=print) -> dict:
     """Run every (not yet recorded, with resume) run of the suite; one record per run.
 
     ``timeout``: seconds per run (with a run's own ``timeout``, the tighter one); a run past it is an error record.
+    ``train_jobs`` > 1 (CPU, one process): the uncached models are trained first in that many worker processes
+    side by side (bench_core/pretrain.py); sampling stays in this process.
     Returns a summary {"ran", "skipped", "ok", "diverged", "error", "records"}.  Raises PreflightError or
     OutputError before any work when a model, dataset or folder is not usable, OutputError when a record
     cannot be written, and :class:`bench_core.guard.Interrupted` on SIGINT / SIGTERM (inside ``stop_on_signals``).
@@ -380,10 +382,32 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
     check_writable_dir(cache, "--cache-dir")
     with OutputLock(out) if writer else contextlib.nullcontext():
         return _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progress, inception_weights,
-                         timeout, log)
+                         timeout, log, train_jobs)
 
 
-def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progress, inception_weights, timeout, log):
+def _pretrain(groups, dev, dist, cache, train_jobs, progress, log) -> dict:
+    """Train the groups' uncached models in worker processes first (CPU, one process, more than one job)."""
+    if dist is not None or dev.type != "cpu" or train_jobs < 2:
+        return {}
+    from .pretrain import plan_jobs, pretrain  # noqa: PLC0415 - only when it runs
+    from .train import CheckpointCache  # noqa: PLC0415 - as above
+
+    ckpts = CheckpointCache(cache / "checkpoints")
+    jobs = plan_jobs(groups, ckpts)
+    if len(jobs) < 2:
+        return {}
+    workers = min(train_jobs, len(jobs))
+    threads = max(1, torch.get_num_threads() // workers)
+    log(f"training {len(jobs)} uncached models first, {workers} processes of {threads} thread(s) side by side "
+        f"(--train-jobs; 1 trains each where it is first used)")
+    t0 = time.perf_counter()
+    done = pretrain(jobs, ckpts, workers=workers, threads=threads, log=log, progress=progress)
+    log(f"trained {sum(not d['error'] for d in done.values())} models in {(time.perf_counter() - t0) / 60:.1f} min")
+    return done
+
+
+def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progress, inception_weights, timeout, log,
+              train_jobs=1):
     # Denormal floats (e.g. SiLU of large negative activations) slow CPU kernels by ~20 %; flushing them
     # to zero changes no result above 1e-38.  See README, "Measurement protocol".
     torch.set_flush_denormal(True)
@@ -402,6 +426,8 @@ def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progres
     for r in todo:
         groups.setdefault((r.reproduction, r.model, json.dumps(r.model_overrides, sort_keys=True)), []).append(r)
 
+    pretrained = _pretrain(groups, dev, dist, cache, train_jobs, progress, log)
+
     def keep(record: Record) -> None:
         if writer:
             append_record(store, record)
@@ -411,7 +437,8 @@ def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progres
     bar = tqdm(total=sum(r.work() for r in todo), desc=f"suite {suite.name}", unit="step·sample",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
     try:
-        for (rep_name, model, _), runs in groups.items():
+        for key, runs in groups.items():
+            rep_name, model, _ = key
             rep = get_reproduction(rep_name)
             t_load = time.perf_counter()
 
@@ -434,6 +461,10 @@ def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progres
                     bar.update(r.work())
                 continue
             load_sec = time.perf_counter() - t_load
+            pre = pretrained.get(key)
+            if pre is not None and not pre["error"]:  # trained in a worker: its training is this model's
+                lm.train_sec = pre["train_sec"] if lm.train_sec is None else lm.train_sec
+                load_sec += pre["wall_sec"]
             bar.unpause()  # training time must not count in the sampling rate behind the ETA
             for r in runs:
                 bar.set_postfix_str(f"{r.entry}: {r.sampler} {r.grid.get('kind')} S={r.steps}", refresh=False)

@@ -14,6 +14,7 @@ first, so a damaged file is refused, naming the command that removes it, before 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -420,14 +421,39 @@ class CheckpointCache:
                       ) -> tuple[dict, bool]:
         """Cached weights if present, else ``meta = train_fn(model)`` (trains in place) and save.
 
-        Returns ``(meta, trained_now)``.
+        Returns ``(meta, trained_now)``.  Holds a file lock on the checkpoint while it looks and trains, so
+        that two processes sharing the cache (``--train-jobs``, two suites at once) never train it twice: the
+        second waits, then loads what the first saved.
         """
-        meta = self.load(hash, model)
-        if meta is not None:
-            return meta, False
-        meta = train_fn(model) or {}
-        self.save(hash, model, meta)
+        with self._lock(hash):
+            meta = self.load(hash, model)
+            if meta is not None:
+                return meta, False
+            meta = train_fn(model) or {}
+            self.save(hash, model, meta)
         return dict(meta), True
+
+    @contextlib.contextmanager
+    def _lock(self, hash: str):
+        """An exclusive ``flock`` on ``<dir>/.locks/<hash>.lock`` (POSIX; elsewhere, or where the folder cannot
+        take the file, no lock: a second process may then train the same checkpoint, and the last save wins)."""
+        try:
+            import fcntl  # noqa: PLC0415 - POSIX only
+        except ImportError:
+            yield
+            return
+        path = self.dir / ".locks" / f"{self.path(hash).stem}.lock"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 def _json_scalar(o):

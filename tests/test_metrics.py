@@ -323,3 +323,23 @@ def test_points_metrics_detect_dropped_mode():
     assert w.shape == (4,) and w.sum() == pytest.approx(1.0) and w[3] == 0.0
     assert np.allclose(w[:3], 1 / 3, atol=0.05)
     assert np.allclose(twod.mode_weights(ref, centers), 0.25, atol=0.04)
+
+
+@pytest.mark.parametrize("full_max", [fidelity.KID_FULL_KERNEL_MAX, 10])  # full kernel matrices / per subset
+@pytest.mark.parametrize("n_gen,n_ref,dim,size", [(500, 900, 64, 500), (120, 80, 2048, 50), (40, 60, 3, 2)])
+def test_kid_equals_torch_fidelity(monkeypatch, full_max, n_gen, n_ref, dim, size):
+    """Our KID (kernel matrices of all features once, subsets read off them) against torch-fidelity's own
+    per-subset loop, the same subsets (same seed): mean and std to 1e-12."""
+    from torch_fidelity import metric_kid
+
+    monkeypatch.setattr(fidelity, "KID_FULL_KERNEL_MAX", full_max)
+    g = torch.Generator().manual_seed(n_gen + dim)
+    a = torch.randn(n_gen, dim, generator=g, dtype=torch.float64)
+    b = 1.2 * torch.randn(n_ref, dim, generator=g, dtype=torch.float64) + 0.3
+    ref = metric_kid.kid_features_to_metric(a, b, kid_subsets=30, kid_subset_size=size, rng_seed=11, verbose=False)
+    mean, std = fidelity.kid_from_features(a, b, subsets=30, subset_size=size, seed=11)
+    assert mean == pytest.approx(ref[metric_kid.KEY_METRIC_KID_MEAN], rel=1e-12, abs=1e-14)
+    assert std == pytest.approx(ref[metric_kid.KEY_METRIC_KID_STD], rel=1e-9, abs=1e-14)
+    assert mean > 0  # the two sets differ: a positive MMD^2 on average
+    with pytest.raises(ValueError, match="subset size"):
+        fidelity.kid_from_features(a, b, subsets=3, subset_size=min(n_gen, n_ref) + 1)

@@ -6,8 +6,11 @@ metrics themselves are torch-fidelity's functions applied to those features:
 - FID: ``metric_fid.fid_features_to_statistics`` + ``fid_statistics_to_metric`` (Heusel et al. 2017),
   features in float64. For wide features (Inception's 2048) the trace term uses symmetric
   eigenproblems instead of torch-fidelity's general eigendecomposition (same value, ~20x faster).
-- KID: ``metric_kid.kid_features_to_metric`` (Binkowski et al. 2018): unbiased MMD^2 with the
-  cubic polynomial kernel, mean and std over ``kid_subsets`` random subsets.
+- KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel, mean and std over
+  ``kid_subsets`` random subsets: torch-fidelity's estimator with its subsets (the same RandomState
+  draws), computed by :func:`kid_from_features` from the kernel matrices of all features once instead
+  of three kernel matrices per subset (~10x faster at n = 500; equal to ``metric_kid`` to 1e-12,
+  tests/test_metrics*.py).
 - Precision/recall: ``metric_prc.prc_features_to_metric`` (Kynkaanniemi et al. 2019), k-NN balls.
 
 Reference features are cached on disk (npz), keyed by the extractor identity (which includes the
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch_fidelity import metric_fid, metric_kid, metric_prc
+from torch_fidelity import metric_fid, metric_prc
 
 from bench_core.atomic import atomic_path
 from bench_core.data import to_uint8  # noqa: F401  - re-exported: model space [-1, 1] -> uint8
@@ -34,6 +37,7 @@ from .extractors import Extractor
 
 KID_SUBSETS = 100
 KID_MAX_SUBSET_SIZE = 1000
+KID_FULL_KERNEL_MAX = 5000  # up to this many features a side, KID uses the full kernel matrices (200 MB at 5000)
 RNG_SEED = 2020  # torch-fidelity's default rng_seed for the KID subsets
 FID_TORCH_FIDELITY_MAX_DIM = 512  # above this, the symmetric trace term (see fid_from_features)
 
@@ -202,6 +206,49 @@ def real_data_floor(reference_u8: torch.Tensor, n: int, *, extractor: Extractor,
             "values": [float(v) for v in values]}
 
 
+def kid_from_features(f_gen: torch.Tensor, f_ref: torch.Tensor, *, subsets: int = KID_SUBSETS,
+                      subset_size: int, seed: int = RNG_SEED, degree: int = 3, coef0: float = 1.0) -> tuple[float, float]:
+    """KID's mean and std over ``subsets`` random subsets of ``subset_size`` from each side: torch-fidelity's
+    ``kid_features_to_metric`` (polynomial kernel ``(x.y / d + coef0) ** degree``, unbiased MMD^2, subsets drawn
+    by ``np.random.RandomState(seed).choice(n, size, replace=False)``, generated then reference, per subset).
+
+    Each subset's sums are read off the kernel matrices of all features, computed once: for a subset given by
+    its 0/1 indicator vector ``s`` (the indices are distinct), the sum of the kernel over the subset's pairs is
+    ``s^T K s``, so all subsets' sums are two matrix products with the stacked indicators."""
+    x, y = f_gen.double().cpu().numpy(), f_ref.double().cpu().numpy()
+    n_x, n_y, d = x.shape[0], y.shape[0], x.shape[1]
+    m = int(subset_size)
+    if not 2 <= m <= min(n_x, n_y):
+        raise ValueError(f"KID subset size must be in [2, {min(n_x, n_y)}], got {m}")
+    rng = np.random.RandomState(seed)
+    s_x, s_y = np.zeros((subsets, n_x)), np.zeros((subsets, n_y))
+    for i in range(subsets):  # the draws in torch-fidelity's order: generated, then reference
+        s_x[i, rng.choice(n_x, m, replace=False)] = 1.0
+        s_y[i, rng.choice(n_y, m, replace=False)] = 1.0
+
+    def kernel(a, b):
+        return (a @ b.T / d + coef0) ** degree
+
+    def pair_sums(s_a, k, s_b):  # s_a[i]^T k s_b[i] for every subset i
+        return np.einsum("si,ij,sj->s", s_a, k, s_b, optimize=True)
+
+    if max(n_x, n_y) <= KID_FULL_KERNEL_MAX:
+        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+        sum_xx = pair_sums(s_x, k_xx, s_x) - s_x @ np.diagonal(k_xx)
+        sum_yy = pair_sums(s_y, k_yy, s_y) - s_y @ np.diagonal(k_yy)
+        sum_xy = pair_sums(s_x, k_xy, s_y)
+    else:  # a large reference (e.g. 50,000 CIFAR-10 images): the subsets' kernel matrices one at a time
+        sum_xx, sum_yy, sum_xy = (np.empty(subsets) for _ in range(3))
+        for i in range(subsets):
+            a, b = x[s_x[i] > 0], y[s_y[i] > 0]
+            k_aa, k_bb = kernel(a, a), kernel(b, b)
+            sum_xx[i] = k_aa.sum() - np.trace(k_aa)
+            sum_yy[i] = k_bb.sum() - np.trace(k_bb)
+            sum_xy[i] = kernel(a, b).sum()
+    mmd2 = (sum_xx + sum_yy) / (m * (m - 1)) - 2.0 * sum_xy / (m * m)
+    return float(np.mean(mmd2)), float(np.std(mmd2))
+
+
 def image_metrics(samples_u8: torch.Tensor, reference_u8: torch.Tensor, *, extractor: Extractor,
                   reference_name: str, cache_dir: str | os.PathLike | None = None,
                   kid_subset_size: int | None = None, kid_subsets: int = KID_SUBSETS,
@@ -229,17 +276,16 @@ def image_metrics(samples_u8: torch.Tensor, reference_u8: torch.Tensor, *, extra
     f_gen64, f_ref64 = _as_tensor64(f_gen), _as_tensor64(f_ref)
 
     fid = fid_from_features(f_gen64, f_ref64)
-    kid = metric_kid.kid_features_to_metric(
-        f_gen64, f_ref64, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, rng_seed=seed, verbose=False
-    )
+    kid_mean, kid_std = kid_from_features(f_gen64, f_ref64, subsets=kid_subsets, subset_size=kid_subset_size,
+                                          seed=seed)
     # torch-fidelity's convention: features_1 generated, features_2 real.
     prc = metric_prc.prc_features_to_metric(
         f_gen64, f_ref64, prc_neighborhood=prc_neighborhood, save_cpu_ram=n_s * n_r > 50_000_000, verbose=False
     )
     return {
         "fid": fid,
-        "kid": kid[metric_kid.KEY_METRIC_KID_MEAN],
-        "kid_std": kid[metric_kid.KEY_METRIC_KID_STD],
+        "kid": kid_mean,
+        "kid_std": kid_std,
         "precision": float(prc[metric_prc.KEY_METRIC_PRECISION]),
         "recall": float(prc[metric_prc.KEY_METRIC_RECALL]),
         "fid_extractor": extractor.identity,
