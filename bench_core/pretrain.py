@@ -13,9 +13,11 @@ it is not a job) and depends on the missing ones an earlier job owns (the guided
 model's teacher, a calibration's network), and starts only once those are in the cache.  A worker runs the
 reproduction's own ``load_model`` with ``progress=False``, which trains and saves exactly as an inline run
 would; the main process then loads every model from the cache.  The first record of a pre-trained model
-carries the training time its worker measured (``train_sec``) and the worker's wall time, as an inline
-training's first record does.  A job that fails in its worker is logged and left to the main process, which
-trains it inline and records the error as before.
+carries the training time its worker measured (``train_sec``), as an inline training's first record does, and
+in its ``wall_sec`` the model's share of the training phase's elapsed time (the phase divided in proportion to
+the workers' wall times per model), so that the records' wall times add up to the time the run took.  A job
+that fails in its worker is logged and left to the main process, which trains it inline and records the error
+as before.
 
 The weights are the same configuration, seeds and code as an inline training; they are not bit-identical to
 a training on another number of threads (a convolution's reductions are summed in another order), as they are

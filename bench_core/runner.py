@@ -402,7 +402,13 @@ def _pretrain(groups, dev, dist, cache, train_jobs, progress, log) -> dict:
         f"(--train-jobs; 1 trains each where it is first used)")
     t0 = time.perf_counter()
     done = pretrain(jobs, ckpts, workers=workers, threads=threads, log=log, progress=progress)
-    log(f"trained {sum(not d['error'] for d in done.values())} models in {(time.perf_counter() - t0) / 60:.1f} min")
+    elapsed = time.perf_counter() - t0
+    log(f"trained {sum(not d['error'] for d in done.values())} models in {elapsed / 60:.1f} min")
+    # each model's share of the elapsed phase (in proportion to its worker's wall time): the records' wall
+    # times then add up to the time the run took, as they do when every model trains inline
+    total = sum(d["wall_sec"] for d in done.values()) or 1.0
+    for d in done.values():
+        d["wall_share"] = elapsed * d["wall_sec"] / total
     return done
 
 
@@ -464,7 +470,7 @@ def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progres
             pre = pretrained.get(key)
             if pre is not None and not pre["error"]:  # trained in a worker: its training is this model's
                 lm.train_sec = pre["train_sec"] if lm.train_sec is None else lm.train_sec
-                load_sec += pre["wall_sec"]
+                load_sec += pre["wall_share"]
             bar.unpause()  # training time must not count in the sampling rate behind the ETA
             for r in runs:
                 bar.set_postfix_str(f"{r.entry}: {r.sampler} {r.grid.get('kind')} S={r.steps}", refresh=False)

@@ -59,10 +59,11 @@ def test_suite_trains_in_workers_then_samples(tmp_path):
     assert any("3 uncached models first, 2 processes" in x for x in lines), lines
     assert not any("failed" in x for x in lines), lines
     recs = {r["entry"]: r for r in load_records(tmp_path / "out" / "records.jsonl")}
-    # the worker's training time is on the model's first record, as an inline training's would be
+    # the worker's training time is on the model's first record, as an inline training's would be; the wall
+    # times hold the models' shares of the training phase (positive; they add up to the phase, not beyond it)
+    assert any(x.startswith("trained 3 models in") for x in lines), lines
     for entry in ("ddpm", "edm", "cd"):
-        assert recs[entry]["train_sec"] > 0, entry
-        assert recs[entry]["wall_sec"] >= recs[entry]["train_sec"]
+        assert recs[entry]["train_sec"] > 0 and recs[entry]["wall_sec"] > 0, entry
     assert recs["ddim"]["train_sec"] is None  # the DDPM model, already trained
     assert recs["cd"]["model_hash"] != recs["edm"]["model_hash"]
     # every checkpoint is in the cache; a second run trains nothing

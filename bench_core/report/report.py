@@ -206,7 +206,9 @@ def cost_markdown(records: list[dict]) -> str:
     total, train = t["wall (min)"].sum(), t["training (min)"].sum()
     return (f"This run (suite `{main_suite or '?'}`): {int(t['runs'].sum())} runs, {total:.1f} minutes of run wall time "
             f"in all, of which "
-            f"{train:.1f} training the models from an empty cache (a cached re-run skips it); "
+            f"{train:.1f} process-minutes training the models from an empty cache (a cached re-run skips it; with "
+            f"`--train-jobs` > 1 the models train side by side first and each record's wall time holds the model's "
+            f"share of that phase, so the training took less of the wall time than this); "
             f"{', '.join(devices) or 'unknown device'}.\n\n"
             + markdown_table(t, formatters={"training (min)": lambda v: f"{v:.1f}", "wall (min)": lambda v: f"{v:.1f}"}))
 
