@@ -158,6 +158,10 @@ def format_plan(rows: list[PlannedRun], device: str) -> str:
     lines.append(f"{len(rows)} runs, {total_nfe:,.0f} network evaluations in all (NFE per trajectory x samples; "
                  f"'~' = adaptive solver, counted on a stand-in), {to_train} model(s) to train.")
     msg = f"estimated time on {device}: {_fmt_sec(est)} for {len(known)} runs with earlier records of their model"
+    train = sum(r.train_sec for r in known)
+    if train > 0:
+        msg += (f" (of which {_fmt_sec(train)} training, summed over the models: on a CPU, --train-jobs trains them "
+                f"side by side first, which takes less)")
     if unknown:
         msg += (f"; {unknown} run(s) have no earlier record of their model on this device and batch size "
                 f"(time unknown, not included)")

@@ -94,6 +94,8 @@ def _train_job(key: tuple, cache_dir: str) -> dict:
     from .plugin import discover, get as get_reproduction  # noqa: PLC0415 - in the worker process only
 
     t0 = time.perf_counter()
+    if os.environ.get("DIFFBENCH_TEST_PRETRAIN_EXIT") == key[1]:  # test hook: this model's worker dies
+        os._exit(1)
     try:
         discover()
         rep_name, model, ov = key
@@ -105,19 +107,26 @@ def _train_job(key: tuple, cache_dir: str) -> dict:
 
 
 def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, progress: bool = True,
-             poll: float = 0.2) -> dict[tuple, dict]:
+             poll: float = 0.5) -> dict[tuple, dict]:
     """Run ``jobs`` on ``workers`` processes of ``threads`` threads each, a job starting once the checkpoints
-    it needs are cached; returns group key -> {"train_sec", "wall_sec", "error"} for every job that ran."""
+    it needs are cached; returns group key -> {"train_sec", "wall_sec", "error"} for every job that ran.
+
+    A worker that dies (killed, out of memory) ends the phase: its job and the jobs not yet run are left to
+    the main process.  An interrupt stops the workers (a checkpoint is saved whole or not at all) and is raised."""
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait  # noqa: PLC0415 - only here
+    from concurrent.futures.process import BrokenProcessPool  # noqa: PLC0415 - only here
+
     from tqdm.auto import tqdm  # noqa: PLC0415 - lazy, as the runner's imports
 
     pending = list(jobs)
-    running: dict[int, tuple[Job, object]] = {}
+    running: dict = {}  # future -> job
     done: dict[tuple, dict] = {}
     failed: set[str] = set()
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch's thread pools
     bar = tqdm(total=len(jobs), desc=f"train {len(jobs)} models on {workers} processes", unit="model",
                disable=not progress, dynamic_ncols=True)
-    pool = ctx.Pool(workers, initializer=_worker_init, initargs=(threads,))
+    # spawn: no fork of a process that holds torch's thread pools
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
+                               initargs=(threads,))
     try:
         while pending or running:
             i = 0
@@ -125,30 +134,33 @@ def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, p
                 job = pending[i]
                 if any(h in failed for h in job.needs):  # its base failed: the main process reports it
                     pending.pop(i)
-                    continue
-                if all(cache.exists(h) for h in job.needs):
-                    pending.pop(i)
-                    running[id(job)] = (job, pool.apply_async(_train_job, (job.key, str(cache.dir))))
-                    continue
-                i += 1
-            if not running and pending:  # nothing can start: a dependency is neither cached nor being trained
+                elif all(cache.exists(h) for h in job.needs):
+                    running[pool.submit(_train_job, job.key, str(cache.dir))] = pending.pop(i)
+                else:
+                    i += 1
+            if not running:  # nothing can start: a dependency is neither cached nor being trained
                 break
-            time.sleep(poll)
-            for jid, (job, res) in list(running.items()):
-                if res.ready():
-                    del running[jid]
-                    out = res.get()
-                    done[job.key] = out
-                    bar.update(1)
-                    if out["error"]:
-                        failed.update(job.owns)
-                        log(f"note: training {'/'.join(job.key[:2])} in a worker failed ({out['error']}); "
-                            "the run trains it again and records the error")
-        pool.close()
-        pool.join()
+            finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                try:
+                    out = fut.result()
+                except BrokenProcessPool:
+                    out = {"train_sec": None, "wall_sec": 0.0, "error": "its worker process died"}
+                done[job.key] = out
+                bar.update(1)
+                if out["error"]:
+                    failed.update(job.owns)
+                    log(f"note: training {'/'.join(job.key[:2])} in a worker failed ({out['error']}); "
+                        "the run trains it again and records the error")
+                    if out["error"] == "its worker process died":  # the pool is unusable: the rest runs inline
+                        pending.clear()
+        pool.shutdown(wait=True)
     except BaseException:
-        pool.terminate()  # an interrupt: the workers stop; a checkpoint is saved whole or not at all
-        pool.join()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in multiprocessing.active_children():  # the workers (this process starts no other children)
+            p.terminate()
+            p.join(timeout=10)
         raise
     finally:
         bar.close()

@@ -52,6 +52,7 @@ def test_plan_estimates_time_from_earlier_records_of_the_same_model(tmp_path):
     assert [r.train_sec for r in rows] == [30.0, 0.0, 0.0]
     text = format_plan(rows, "cpu")
     assert "3 runs, 176 network evaluations" in text and "1 model(s) to train" in text and "38.8 s" in text
+    assert "of which 30.0 s training" in text
 
 
 def test_cli_dry_run_writes_nothing(tmp_path, capsys):

@@ -98,3 +98,16 @@ def test_cache_lock_trains_a_checkpoint_once(tmp_path):
     trainer = (tmp_path / "trained.log").read_text().split()[0]
     assert sorted(o[1] for o in outs) == ["False", "True"]
     assert all(o[0] == trainer and float(o[2]) == 3.0 for o in outs)  # the waiter loaded the trainer's weights
+
+
+def test_a_dead_worker_leaves_its_models_to_the_run(tmp_path, monkeypatch):
+    """A worker killed mid-phase (the test hook exits the one given the EDM model): the phase ends, the run
+    trains what is left inline, and every run is recorded."""
+    monkeypatch.setenv("DIFFBENCH_TEST_PRETRAIN_EXIT", "digits")  # ddpm/digits and edm/digits both match
+    lines = []
+    summary = run_suite(parse_suite(SUITE), tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+                        train_jobs=2, log=lines.append)
+    assert summary["ok"] == 4, (summary, lines)
+    assert any("its worker process died" in x for x in lines), lines
+    recs = {r["entry"]: r for r in load_records(tmp_path / "out" / "records.jsonl")}
+    assert recs["ddpm"]["train_sec"] > 0 and recs["cd"]["train_sec"] > 0  # trained inline after the phase

@@ -81,7 +81,7 @@ def test_stability_report_counts_flips_and_costs(tmp_path):
     assert "| edm | `c` | paper | fail | fail |  |" in lines
     assert "- `b` (pass -> fail): worse" in lines
     # the costs come from the records: 3.0 min (A) and 6.0 min (B) of wall, 1.0 and 3.5 of training
-    assert "2 runs, 3.0 minutes of run wall time in all, of which 1.0 training" in text
-    assert "2 runs, 6.0 minutes of run wall time in all, of which 3.5 training" in text
+    assert "2 runs, 3.0 minutes of run wall time in all, of which 1.0 process-minutes training" in text
+    assert "2 runs, 6.0 minutes of run wall time in all, of which 3.5 process-minutes training" in text
     assert "training seeds used by its records: 1" in text
 
