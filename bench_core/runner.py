@@ -359,6 +359,7 @@ def run_suite(suite: Suite, out_dir: str | Path, *, device: str = "auto", resume
     cannot be written, and :class:`bench_core.guard.Interrupted` on SIGINT / SIGTERM (inside ``stop_on_signals``).
     """
     discover()  # every paper module imported, or one DiscoveryError naming each that failed, before any work
+    rec.git_sha()  # the commit (and whether the tree is dirty) as the run starts, not when its first record is written
     dev = resolve_device(device)
     dist = current()  # torchrun: only rank 0 writes; see bench_core/distributed.py
     if dist is not None:
