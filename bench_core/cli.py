@@ -116,16 +116,6 @@ def cmd_run(args) -> int:
         from .pretrain import auto_jobs  # noqa: PLC0415 - lazy: keeps the CLI start fast
 
         args.train_jobs = auto_jobs()
-    else:
-        given = args.train_jobs
-        try:
-            args.train_jobs = int(given)
-        except ValueError:
-            args.train_jobs = 0
-        if args.train_jobs < 1:
-            print(f"error: --train-jobs must be a whole number >= 1 or 'auto', got {given!r}",
-                  file=sys.stderr)
-            return 2
     if args.dry_run:
         return _dry_run(args, suite, out)
     from .distributed import DistributedError, init_from_env  # noqa: PLC0415 - lazy: keeps the CLI start fast
@@ -271,6 +261,19 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _train_jobs(value: str):
+    """--train-jobs: 'auto' or a whole number >= 1."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 or 'auto', got {value!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffbench", description=__doc__.split("\n")[0] + "\n\n"
                                 "Reproduce diffusion-model papers on one harness: train, sample, measure FID, NFE, "
@@ -300,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--train-seed", type=int, default=0, metavar="K",
                    help="add K to every entry's training seeds: the same suite on freshly trained models "
                         "(another checkpoint in the cache; default: %(default)s)")
-    r.add_argument("--train-jobs", default="auto", metavar="N",
+    r.add_argument("--train-jobs", default="auto", type=_train_jobs, metavar="N",
                    help="on a CPU, train the suite's uncached models first in N processes side by side (the small "
                         "models train ~1.6x faster as two 1-thread processes than one after the other on 2 "
                         "threads); sampling and its timings stay in one process. 'auto': one per CPU core, at most "

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 DEFAULT_MAX_JOBS = 4  # "auto": one job per usable CPU core, at most this many
+WORKER_DIED = "its worker process died"
 
 
 @dataclass
@@ -106,10 +107,11 @@ def _train_job(key: tuple, cache_dir: str) -> dict:
         return {"train_sec": None, "wall_sec": time.perf_counter() - t0, "error": f"{type(e).__name__}: {e}"}
 
 
-def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, progress: bool = True,
-             poll: float = 0.5) -> dict[tuple, dict]:
+def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, progress: bool = True
+             ) -> dict[tuple, dict]:
     """Run ``jobs`` on ``workers`` processes of ``threads`` threads each, a job starting once the checkpoints
-    it needs are cached; returns group key -> {"train_sec", "wall_sec", "error"} for every job that ran.
+    it needs are cached; returns group key -> {"train_sec", "wall_sec", "wall_share", "error"} for every job
+    that ran (``wall_share``: the job's share of the phase's elapsed time, in proportion to its wall time).
 
     A worker that dies (killed, out of memory) ends the phase: its job and the jobs not yet run are left to
     the main process.  An interrupt stops the workers (a checkpoint is saved whole or not at all) and is raised."""
@@ -118,6 +120,7 @@ def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, p
 
     from tqdm.auto import tqdm  # noqa: PLC0415 - lazy, as the runner's imports
 
+    t0 = time.perf_counter()
     pending = list(jobs)
     running: dict = {}  # future -> job
     done: dict[tuple, dict] = {}
@@ -140,20 +143,21 @@ def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, p
                     i += 1
             if not running:  # nothing can start: a dependency is neither cached nor being trained
                 break
-            finished, _ = wait(list(running), timeout=poll, return_when=FIRST_COMPLETED)
+            # a waiting job's dependencies are running jobs' checkpoints: only a finished job can free it
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in finished:
                 job = running.pop(fut)
                 try:
                     out = fut.result()
                 except BrokenProcessPool:
-                    out = {"train_sec": None, "wall_sec": 0.0, "error": "its worker process died"}
+                    out = {"train_sec": None, "wall_sec": 0.0, "error": WORKER_DIED}
                 done[job.key] = out
                 bar.update(1)
                 if out["error"]:
                     failed.update(job.owns)
                     log(f"note: training {'/'.join(job.key[:2])} in a worker failed ({out['error']}); "
                         "the run trains it again and records the error")
-                    if out["error"] == "its worker process died":  # the pool is unusable: the rest runs inline
+                    if out["error"] == WORKER_DIED:  # the pool is unusable: the rest runs inline
                         pending.clear()
         pool.shutdown(wait=True)
     except BaseException:
@@ -164,4 +168,10 @@ def pretrain(jobs: list[Job], cache, *, workers: int, threads: int, log=print, p
         raise
     finally:
         bar.close()
+    elapsed = time.perf_counter() - t0
+    log(f"trained {sum(not d['error'] for d in done.values())} models in {elapsed / 60:.1f} min")
+    # the records' wall times then add up to the time the run took, as they do when every model trains inline
+    total = sum(d["wall_sec"] for d in done.values()) or 1.0
+    for d in done.values():
+        d["wall_share"] = elapsed * d["wall_sec"] / total
     return done

@@ -401,16 +401,7 @@ def _pretrain(groups, dev, dist, cache, train_jobs, progress, log) -> dict:
     threads = max(1, torch.get_num_threads() // workers)
     log(f"training {len(jobs)} uncached models first, {workers} processes of {threads} thread(s) side by side "
         f"(--train-jobs; 1 trains each where it is first used)")
-    t0 = time.perf_counter()
-    done = pretrain(jobs, ckpts, workers=workers, threads=threads, log=log, progress=progress)
-    elapsed = time.perf_counter() - t0
-    log(f"trained {sum(not d['error'] for d in done.values())} models in {elapsed / 60:.1f} min")
-    # each model's share of the elapsed phase (in proportion to its worker's wall time): the records' wall
-    # times then add up to the time the run took, as they do when every model trains inline
-    total = sum(d["wall_sec"] for d in done.values()) or 1.0
-    for d in done.values():
-        d["wall_share"] = elapsed * d["wall_sec"] / total
-    return done
+    return pretrain(jobs, ckpts, workers=workers, threads=threads, log=log, progress=progress)
 
 
 def _run_todo(suite, todo, store, out, dev, dist, writer, resume, cache, progress, inception_weights, timeout, log,

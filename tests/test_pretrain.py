@@ -111,3 +111,15 @@ def test_a_dead_worker_leaves_its_models_to_the_run(tmp_path, monkeypatch):
     assert any("its worker process died" in x for x in lines), lines
     recs = {r["entry"]: r for r in load_records(tmp_path / "out" / "records.jsonl")}
     assert recs["ddpm"]["train_sec"] > 0 and recs["cd"]["train_sec"] > 0  # trained inline after the phase
+
+
+def test_cli_refuses_a_bad_train_jobs_value(capsys):
+    import pytest
+
+    from bench_core.cli import main
+
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit) as e:
+            main(["run", "--train-jobs", bad, "--dry-run"])
+        assert e.value.code == 2
+        assert "--train-jobs: must be a whole number >= 1 or 'auto'" in capsys.readouterr().err
