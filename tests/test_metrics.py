@@ -343,3 +343,25 @@ def test_kid_equals_torch_fidelity(monkeypatch, full_max, n_gen, n_ref, dim, siz
     assert mean > 0  # the two sets differ: a positive MMD^2 on average
     with pytest.raises(ValueError, match="subset size"):
         fidelity.kid_from_features(a, b, subsets=3, subset_size=min(n_gen, n_ref) + 1)
+
+
+def test_reference_side_memo_equals_torch_fidelity():
+    """KID and precision/recall keep the reference's side (KID's reference kernel sums, the real k-NN radii) from
+    one call to the next: a second and a third generated set against the same reference still equal
+    torch-fidelity's own computation of each pair, and another reference is not served the first one's."""
+    from torch_fidelity import metric_kid, metric_prc
+
+    g = torch.Generator().manual_seed(5)
+    refs = [torch.randn(300, 16, generator=g, dtype=torch.float64) for _ in range(2)]
+    fidelity._REF_MEMO.clear()
+    for ref in (refs[0], refs[0], refs[1], refs[0]):
+        gen = 0.8 * torch.randn(120, 16, generator=g, dtype=torch.float64) + 0.2
+        want = metric_prc.prc_features_to_metric(gen, ref, prc_neighborhood=3, save_cpu_ram=False, verbose=False)
+        p, r = fidelity.precision_recall(gen, ref, 3)
+        assert p == want[metric_prc.KEY_METRIC_PRECISION] and r == want[metric_prc.KEY_METRIC_RECALL]
+        kid = metric_kid.kid_features_to_metric(gen, ref, kid_subsets=20, kid_subset_size=100, rng_seed=3,
+                                                verbose=False)
+        mean, _ = fidelity.kid_from_features(gen, ref, subsets=20, subset_size=100, seed=3)
+        assert mean == pytest.approx(kid[metric_kid.KEY_METRIC_KID_MEAN], rel=1e-12, abs=1e-14)
+    assert 0 < p < 1 and 0 < r < 1  # neither side's balls hold everything: the comparison decides
+    assert len(fidelity._REF_MEMO) == 4  # radii and KID sums, per reference

@@ -233,9 +233,16 @@ def kid_from_features(f_gen: torch.Tensor, f_ref: torch.Tensor, *, subsets: int 
         return np.einsum("si,ij,sj->s", s_a, k, s_b, optimize=True)
 
     if max(n_x, n_y) <= KID_FULL_KERNEL_MAX:
-        k_xx, k_yy, k_xy = kernel(x, x), kernel(y, y), kernel(x, y)
+        k_xx, k_xy = kernel(x, x), kernel(x, y)
         sum_xx = pair_sums(s_x, k_xx, s_x) - s_x @ np.diagonal(k_xx)
-        sum_yy = pair_sums(s_y, k_yy, s_y) - s_y @ np.diagonal(k_yy)
+        # the reference side depends only on the reference and the subsets (which depend on n_x, m, the seed and
+        # the count): a suite measures every run against the same reference, so it is computed once
+        key = ("kid_yy", _digest(y), n_x, m, int(seed), int(subsets), degree, float(coef0))
+
+        def ref_sums():
+            k_yy = kernel(y, y)
+            return pair_sums(s_y, k_yy, s_y) - s_y @ np.diagonal(k_yy)
+        sum_yy = _ref_memo(key, ref_sums)
         sum_xy = pair_sums(s_x, k_xy, s_y)
     else:  # a large reference (e.g. 50,000 CIFAR-10 images): the subsets' kernel matrices one at a time
         sum_xx, sum_yy, sum_xy = (np.empty(subsets) for _ in range(3))
@@ -247,6 +254,46 @@ def kid_from_features(f_gen: torch.Tensor, f_ref: torch.Tensor, *, subsets: int 
             sum_xy[i] = kernel(a, b).sum()
     mmd2 = (sum_xx + sum_yy) / (m * (m - 1)) - 2.0 * sum_xy / (m * m)
     return float(np.mean(mmd2)), float(np.std(mmd2))
+
+
+_REF_MEMO: dict = {}
+_REF_MEMO_MAX = 16
+
+
+def _digest(a) -> str:
+    """A content key for a feature array (the reference's features: the same bytes give the same key)."""
+    a = np.ascontiguousarray(a.numpy() if torch.is_tensor(a) else a)
+    return hashlib.sha1(a.view(np.uint8).reshape(-1)).hexdigest() + str(a.shape) + str(a.dtype)
+
+
+def _ref_memo(key: tuple, compute):
+    """The reference-side parts of KID and precision/recall, computed once per reference and settings (at most
+    _REF_MEMO_MAX kept)."""
+    if key not in _REF_MEMO:
+        if len(_REF_MEMO) >= _REF_MEMO_MAX:
+            _REF_MEMO.pop(next(iter(_REF_MEMO)))
+        _REF_MEMO[key] = compute()
+    return _REF_MEMO[key]
+
+
+def precision_recall(f_gen: torch.Tensor, f_ref: torch.Tensor, neighborhood: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) as torch-fidelity's
+    ``metric_prc.prc_features_to_metric`` computes them (features_1 generated, features_2 real; the same distance
+    calls, so the same values), with the reference's k-NN radii computed once per reference.  Above 50M distance
+    pairs it is torch-fidelity's own memory-saving path."""
+    n_s, n_r = f_gen.shape[0], f_ref.shape[0]
+    if n_s * n_r > 50_000_000 or n_r * n_r > 50_000_000:
+        prc = metric_prc.prc_features_to_metric(f_gen, f_ref, prc_neighborhood=neighborhood, save_cpu_ram=True,
+                                                verbose=False)
+        return float(prc[metric_prc.KEY_METRIC_PRECISION]), float(prc[metric_prc.KEY_METRIC_RECALL])
+    cdist = metric_prc.calc_cdist_full
+    nn_gen = cdist(f_gen, f_gen).kthvalue(neighborhood + 1).values
+    nn_ref = _ref_memo(("prc_radii", _digest(f_ref), int(neighborhood)),
+                       lambda: cdist(f_ref, f_ref).kthvalue(neighborhood + 1).values)
+    d_ref_gen = cdist(f_ref, f_gen)
+    recall = (d_ref_gen <= nn_gen).any(dim=1).float().mean().item()        # real inside a generated ball
+    precision = (d_ref_gen.T <= nn_ref).any(dim=1).float().mean().item()   # generated inside a real ball
+    return float(precision), float(recall)
 
 
 def image_metrics(samples_u8: torch.Tensor, reference_u8: torch.Tensor, *, extractor: Extractor,
@@ -278,16 +325,13 @@ def image_metrics(samples_u8: torch.Tensor, reference_u8: torch.Tensor, *, extra
     fid = fid_from_features(f_gen64, f_ref64)
     kid_mean, kid_std = kid_from_features(f_gen64, f_ref64, subsets=kid_subsets, subset_size=kid_subset_size,
                                           seed=seed)
-    # torch-fidelity's convention: features_1 generated, features_2 real.
-    prc = metric_prc.prc_features_to_metric(
-        f_gen64, f_ref64, prc_neighborhood=prc_neighborhood, save_cpu_ram=n_s * n_r > 50_000_000, verbose=False
-    )
+    precision, recall = precision_recall(f_gen64, f_ref64, prc_neighborhood)
     return {
         "fid": fid,
         "kid": kid_mean,
         "kid_std": kid_std,
-        "precision": float(prc[metric_prc.KEY_METRIC_PRECISION]),
-        "recall": float(prc[metric_prc.KEY_METRIC_RECALL]),
+        "precision": precision,
+        "recall": recall,
         "fid_extractor": extractor.identity,
         "fid_reference": f"{reference_name}:{n_r}",
     }
