@@ -3,14 +3,19 @@
 
 For the digits U-Net (the trained DDPM digits model and the qdiffusion presets' cached calibrations when its
 checkpoint is cached, random weights otherwise) at batch 500, and the DDPM CIFAR-10 U-Net (random weights) at
-batch 1 and 16, four executions of the same denoiser, side by side in one process:
+batch 1 and 16, four executions of the same denoiser (six for the digits U-Net), side by side in one process:
 
 - ``fp32``       the full-precision network,
 - ``sim-w8a8``   W8A8 simulated (fake-quant in float32, what the paper measures FID with),
 - ``int8-w8a8``  the same calibrated W8A8 network in real int8 (``bench_core.methods.quant.to_int8``: oneDNN's int8
   kernels; the hand-written fallback only where oneDNN's do not run, recorded as such; on a CPU without VNNI,
   where one u8 x s8 pass saturates, 8-bit weights run as two exact passes ``16 hi + lo``: ``int8_weight_passes``),
-- ``int8-w4a8``  W4A8 (4-bit weights in int8 storage) in real int8.
+- ``int8-w4a8``  W4A8 (4-bit weights in int8 storage) in real int8;
+- digits U-Net only, ``fp32-fusednorm`` and ``int8-w8a8-fusednorm``: fp32 and int8 W8A8 with every GroupNorm + SiLU
+  as one torch.compile kernel specialised to its shape (``to_int8(..., fused_norm=True)``).  oneDNN's int8
+  convolutions return channels-last activations, on which ATen's GroupNorm is several times slower than on NCHW,
+  which is what held int8 back on this small network; the fp32 row with the same kernel shows what fp32 gains from
+  it too.  The compile time is in each record's ``first_call_sec``.
 
 Per variant, with ``bench_core.measure``'s one timing and one memory protocol: latency of one denoiser call
 (two warm-up calls, then the variants alternating call by call, median of ``--repeats`` >= 5), the peak extra
@@ -31,6 +36,7 @@ to commit; ``--quick`` checks the code paths only.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -52,8 +58,11 @@ from speed_ablation import SIGMA_CALL, Writer, log  # noqa: E402 - the sibling s
 
 SUITE = "int8-speed"
 KIND = "int8-speed"
-VARIANTS = ("fp32", "sim-w8a8", "int8-w8a8", "int8-w4a8")
-LABELS = {"fp32": "FP32", "sim-w8a8": "W8A8 simulated", "int8-w8a8": "W8A8 int8", "int8-w4a8": "W4A8 int8"}
+VARIANTS = ("fp32", "fp32-fusednorm", "sim-w8a8", "int8-w8a8", "int8-w8a8-fusednorm", "int8-w4a8")
+LABELS = {"fp32": "FP32", "fp32-fusednorm": "FP32 + compiled GroupNorm/SiLU", "sim-w8a8": "W8A8 simulated",
+          "int8-w8a8": "W8A8 int8", "int8-w8a8-fusednorm": "W8A8 int8 + compiled GroupNorm/SiLU",
+          "int8-w4a8": "W4A8 int8"}
+FUSED_NORM_NETWORKS = ("digits_small",)  # where the compiled GroupNorm/SiLU rows run (see fused_norm_variants)
 BATCHES = {"digits_small": (500,), "ddpm_cifar10": (1, 16)}
 QUICK_BATCHES = {"digits_small": (8,), "ddpm_cifar10": (1,)}
 # (network, batch) -> what int8 W8A8 must reach against fp32: speed-up, weight ratio, peak-memory ratio
@@ -98,6 +107,21 @@ def trained_digits(cache_dir: Path) -> dict | None:
         out[variant] = {"den": lm.denoiser, "calibration": f"qdiffusion preset {preset}", "load_sec":
                         time.perf_counter() - t0, "backend": m.get("quant_int8_backend", ""),
                         "fallback": m.get("quant_int8_fallback", "")}
+    return out
+
+
+def fused_norm_variants(variants: dict) -> dict:
+    """The fp32 and int8 W8A8 denoisers again with every GroupNorm + SiLU as one torch.compile kernel specialised
+    to its shape (``norm_act`` "compile_static"; the int8 network's activations are channels-last, where ATen's
+    GroupNorm is slow), the fp32 one so that the int8 row is not credited with a kernel fp32 could use too.
+    Compiled at the first call (its seconds are the records' ``first_call_sec``)."""
+    out = {}
+    for v, src in (("fp32-fusednorm", "fp32"), ("int8-w8a8-fusednorm", "int8-w8a8")):
+        den = copy.deepcopy(variants[src]["den"])
+        den.model.set_fused_norm_act("compile_static")
+        if src.startswith("int8"):
+            den.model.int8_fused_norm = True
+        out[v] = {**variants[src], "den": den}
     return out
 
 
@@ -157,7 +181,12 @@ def measure(variants: dict, batch: int, cfg, repeats: int, warmup: int, profile:
     calls = {v: (lambda d=variants[v]["den"]: d(x, sigma)) for v in variants}
     res = {v: {} for v in timed}
     with torch.no_grad():
-        eps = {v: _eps(f(), x) for v, f in calls.items()}      # the first warm-up call, and the outputs
+        eps = {}
+        for v, f in calls.items():                               # the first warm-up call (compiles), the outputs
+            t0 = time.perf_counter()
+            eps[v] = _eps(f(), x)
+            if v in res:
+                res[v]["first_call"] = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
             for v in timed:
                 calls[v]()
@@ -174,7 +203,7 @@ def measure(variants: dict, batch: int, cfg, repeats: int, warmup: int, profile:
     for v in timed:
         res[v].update(all=times[v], median=statistics.median(times[v]),
                       err_fp32=relative_error(eps[v], eps["fp32"]) if v != "fp32" else 0.0)
-        sim = "sim-" + v.split("-", 1)[1] if v.startswith("int8-") else None
+        sim = "sim-" + v.split("-")[1] if v.startswith("int8-") else None   # int8-w8a8(-fusednorm) -> sim-w8a8
         if sim in eps:
             res[v]["err_sim"] = relative_error(eps[v], eps[sim])
             res[v]["err_sim_l2"] = float((eps[v] - eps[sim]).norm() / eps[sim].norm())   # (less flip-dominated)
@@ -188,15 +217,18 @@ def run_network(name, batches, writer, args, run_id):
     if variants is None:
         weights = "random"
         variants = random_variants(cfg, args.quick)
+    if name in FUSED_NORM_NETWORKS:
+        variants.update(fused_norm_variants(variants))
+    present = [v for v in VARIANTS if v in variants]
     fp_net = variants["fp32"]["den"].model
     n_params = count_parameters(fp_net)
-    wbytes = {v: Q.executed_weight_bytes(variants[v]["den"].model) for v in VARIANTS}
+    wbytes = {v: Q.executed_weight_bytes(variants[v]["den"].model) for v in present}
     log(f"{name}: {n_params / 1e6:.2f}M parameters, {weights} weights, batches {list(batches)}; int8 backends "
-        f"{sorted({variants[v].get('backend') for v in VARIANTS if v.startswith('int8')})}")
+        f"{sorted({variants[v].get('backend') for v in present if v.startswith('int8')})}")
     for batch in batches:
         r = measure(variants, batch, cfg, args.repeats, args.warmup, not args.no_profile)
         base = r["fp32"]
-        for v in VARIANTS:
+        for v in present:
             info, m = variants[v], r[v]
             speedup = base["median"] / m["median"]
             peak_ratio = (m["peak"] / base["peak"]) if m["peak"] is not None and base["peak"] else None
@@ -207,6 +239,8 @@ def run_network(name, batches, writer, args, run_id):
                     "int8_quantizer": Q.int8_quantizer() if info.get("backend") == "onednn" else "",
                     "int8_weight_passes": Q.onednn_weight_passes() if info.get("backend") == "onednn" else "",
                     "convert_sec": info.get("convert_sec"), "load_sec": info.get("load_sec"),
+                    "first_call_sec": m.get("first_call"),
+                    "fused_norm": "compile_static" if v.endswith("-fusednorm") else "",
                     "sec_per_call": m["median"], "sec_per_call_all": m["all"], "call_repeats": args.repeats,
                     "warmup": args.warmup, "speedup_vs_fp32": speedup, "weight_bytes": wbytes[v],
                     "weight_ratio_vs_fp32": wbytes[v] / wbytes["fp32"], "peak_mem_mb_call": m["peak"],
@@ -215,7 +249,7 @@ def run_network(name, batches, writer, args, run_id):
                     "threads": torch.get_num_threads(),
                     "cpu_int8_flags": cpu_int8_flags(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                     "sigma": SIGMA_CALL, "quick": args.quick, "profile_top": m.get("profile", [])}
-            target = TARGETS.get((name, batch)) if v == "int8-w8a8" else None
+            target = TARGETS.get((name, batch)) if v.startswith("int8-w8a8") else None
             if target:
                 met = speedup >= target["speedup_min"]
                 if "weight_ratio_max" in target:

@@ -44,6 +44,7 @@ class QDiffusionConfig:
     base_overrides: dict = field(default_factory=dict)
     quant: QuantConfig = field(default_factory=QuantConfig)
     execution: str = "simulated"                     # "simulated" (fake-quant, float32) | "int8" (CPU, oneDNN int8)
+    int8_fused_norm: bool = False                    # int8: GroupNorm + SiLU as one compiled kernel (quant.to_int8)
 
 
 def _naive(w: int, a: int) -> QuantConfig:
@@ -74,6 +75,9 @@ MODELS: dict[str, QDiffusionConfig] = {
     "digits-w8a8-naive-int8": QDiffusionConfig(quant=_naive(8, 8), execution="int8"),
     "digits-w8a8-qdiff-int8": QDiffusionConfig(quant=_qdiff(8, 8), execution="int8"),
     "digits-w4a8-qdiff-int8": QDiffusionConfig(quant=_qdiff(4, 8), execution="int8"),
+    # the same int8 W8A8 network with its GroupNorm + SiLU compiled into one kernel (benchmarks/int8_speed.py's
+    # fastest int8 row on the digits U-Net); compiled at its first call
+    "digits-w8a8-qdiff-int8-fused": QDiffusionConfig(quant=_qdiff(8, 8), execution="int8", int8_fused_norm=True),
     "cifar10-w4a8-qdiff": QDiffusionConfig(base_model="cifar10",
                                            quant=_qdiff(4, 8, calib_sampler_steps=100, n_calib=5120, adaround_iters=2000)),
 }
@@ -100,6 +104,8 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {cfg.execution!r}")
         if cfg.execution == "int8" and (cfg.quant.a_bits != 8 or cfg.quant.w_bits > 8):
             raise ValueError(f"execution 'int8' needs 8-bit activations and <= 8-bit weights, got {cfg.quant.label}")
+        if cfg.int8_fused_norm and cfg.execution != "int8":
+            raise ValueError(f"int8_fused_norm: applies to execution 'int8' only, got execution {cfg.execution!r}")
         return cfg
 
     def _hashes(self, cfg: QDiffusionConfig) -> tuple[str, str, str]:
@@ -107,7 +113,8 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
         base = self.base_hash(cfg)
         calib = config_hash({"family": "qdiffusion-calib", "version": Q.CALIB_VERSION},
                             {"base": base, "quant": asdict(cfg.quant)})
-        model = config_hash({"family": "qdiffusion"}, {"calib": calib, "execution": cfg.execution})
+        fused = {"int8_fused_norm": True} if cfg.int8_fused_norm else {}  # (earlier models' hashes unchanged)
+        model = config_hash({"family": "qdiffusion"}, {"calib": calib, "execution": cfg.execution, **fused})
         return base, calib, model
 
     def hash_config(self, cfg: QDiffusionConfig) -> str:
@@ -159,9 +166,10 @@ class QDiffusion(BuiltOnDDPM, Reproduction):
             metrics["quant_calib_sec"] = float(meta.get("calib_sec") or 0.0)
             metrics["weight_mb"] = Q.weight_bytes(qnet) / 2**20
             if cfg.execution == "int8":
-                qnet = Q.to_int8(qnet)  # oneDNN; the hand-written fallback warns and says why
+                qnet = Q.to_int8(qnet, fused_norm=cfg.int8_fused_norm)  # oneDNN; the fallback warns and says why
                 backend = qnet.int8_backend
                 metrics.update(quant_execution=Q.INT8_EXECUTION[backend], quant_int8_backend=backend,
+                               quant_int8_fused_norm=qnet.int8_fused_norm,
                                quant_int8_fallback=Q.int8_backend_problem("onednn") if backend != "onednn" else "")
                 if backend == "onednn":
                     metrics.update(quant_int8_quantizer=Q.int8_quantizer(),
@@ -278,7 +286,7 @@ def _execution_label(execution: str) -> str:
 
 
 SPEED_KIND = "int8-speed"       # metrics.kind of benchmarks/int8_speed.py's records
-SPEED_VARIANTS = ("fp32", "sim-w8a8", "int8-w8a8", "int8-w4a8")
+SPEED_VARIANTS = ("fp32", "fp32-fusednorm", "sim-w8a8", "int8-w8a8", "int8-w8a8-fusednorm", "int8-w4a8")
 
 
 def _speed_tables(df) -> dict:

@@ -290,14 +290,24 @@ def _layer_io(net, names):
     return rec, hooks
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_int8_network_matches_fake_quant(den, backend):
+NETWORK_CASES = [pytest.param(b, f, marks=pytest.mark.skipif(bool(Q.int8_backend_problem(b)),
+                                                           reason=Q.int8_backend_problem(b) or ""))
+                 for b, f in [(b, False) for b in Q.INT8_BACKENDS] + [("onednn", True)]]
+
+
+@pytest.mark.parametrize("backend,fused_norm", NETWORK_CASES)
+def test_int8_network_matches_fake_quant(den, backend, fused_norm):
+    """Per layer and end to end; ``fused_norm``: the GroupNorm + SiLU between the int8 layers as one compiled
+    kernel (channels-last activations), which must leave the same bounds holding."""
     for w_bits in (8, 4):
         qd, _ = _quantized(den, _cfg(w_bits=w_bits, a_bits=8, calib="naive", naive_step=0, n_calib=64))
         x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2)) * den.sigma_max
         s = torch.full((16,), den.sigma_max)
-        inet = Q.to_int8(qd.inner.model, backend)
-        assert inet.int8_backend == backend
+        inet = Q.to_int8(qd.inner.model, backend, fused_norm=fused_norm)
+        assert inet.int8_backend == backend and inet.int8_fused_norm == fused_norm
+        if fused_norm:
+            assert all(getattr(m, "fused_norm_act", "compile_static") == "compile_static" for m in inet.modules()
+                       if hasattr(m, "fused_norm_act"))
         idn = Q.QuantizedDenoiser(den, inet, qd.cfg, "int8")
         layers = dict(Q.quant_layers(qd.inner.model))
         int8_layers = dict(inet.named_modules())
@@ -450,3 +460,19 @@ def test_corrupted_calibration_cache_is_recomputed_with_a_warning(tmp_path):
     x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 5.0])
     with torch.no_grad():
         assert torch.allclose(first.denoiser(x, s), again.denoiser(x, s), atol=1e-5)
+
+
+def test_int8_fused_norm_preset_is_its_own_model_and_int8_only():
+    """The compiled-GroupNorm int8 preset is another model (its own hash) on the same calibration, and the option
+    is refused on a simulated network, naming the field."""
+    import reproductions
+
+    rep = reproductions.get("qdiffusion")
+    plain = rep.model_config("digits-w8a8-qdiff-int8", {})
+    fused = rep.model_config("digits-w8a8-qdiff-int8-fused", {})
+    assert fused.int8_fused_norm and not plain.int8_fused_norm
+    assert rep._hashes(plain)[1] == rep._hashes(fused)[1]        # one calibration
+    assert rep.hash_config(plain) != rep.hash_config(fused)
+    with pytest.raises(ValueError, match="int8_fused_norm"):
+        rep.check_config("digits-w8a8-qdiff", rep.model_config("digits-w8a8-qdiff", {}).__class__(
+            quant=plain.quant, execution="simulated", int8_fused_norm=True))

@@ -980,11 +980,16 @@ def int8_available() -> bool:
     return int8_backend() is not None
 
 
-def to_int8(qnet: nn.Module, backend: str | None = None) -> nn.Module:
+def to_int8(qnet: nn.Module, backend: str | None = None, fused_norm: bool = False) -> nn.Module:
     """A copy of a calibrated fake-quant network with every quantized layer run in int8 arithmetic.
 
     ``backend``: "onednn" (PyTorch's maintained oneDNN int8 kernels), "int_mm" (the hand-written fallback) or None:
     oneDNN where it works, else the fallback with a warning saying why.  The copy's ``int8_backend`` says which ran.
+    ``fused_norm``: a U-Net's GroupNorm + SiLU (float32, between the int8 layers) as one torch.compile kernel
+    specialised to each shape (``norm_act`` "compile_static"; compiled at the first call of each shape).  oneDNN's
+    int8 convolutions return channels-last activations, on which ATen's GroupNorm is several times slower than on
+    NCHW (it vectorises over a group's channels: 2 of them in the digits U-Net); the fused kernel is what makes
+    int8 pay off on a network that small.  The copy's ``int8_fused_norm`` says whether it is on.
     """
     if backend is None:
         why = int8_backend_problem("onednn")
@@ -1000,6 +1005,9 @@ def to_int8(qnet: nn.Module, backend: str | None = None) -> nn.Module:
     for n, m in quant_layers(out):
         _set_module(out, n, layer(m))
     out.int8_backend = backend
+    out.int8_fused_norm = bool(fused_norm and hasattr(out, "set_fused_norm_act"))
+    if out.int8_fused_norm:
+        out.set_fused_norm_act("compile_static")
     return out
 
 

@@ -20,7 +20,7 @@ def group_norm_silu_eager(x: Tensor, weight: Tensor, bias: Tensor, groups: int, 
     return F.silu(h)
 
 
-_FUSED_NORM_ACT = {"fn": None, "backend": ""}
+_FUSED_NORM_ACT = {"fn": None, "backend": "", "static": None}
 
 
 def fused_norm_act_backend() -> str:
@@ -47,19 +47,32 @@ def _fused_norm_act_fn():
     return _FUSED_NORM_ACT["fn"]
 
 
+def _static_norm_act_fn():
+    """The compiled GroupNorm+SiLU specialised to each input shape and memory layout (``dynamic=False``; compiled
+    once per shape), built after the shared one, whose settings and fallback it uses.  On a channels-last input
+    (the int8 network's activations) it reads a group's channels where they lie next to each other; ATen's
+    channels-last GroupNorm and the shape-generic kernel are several times slower there than on NCHW."""
+    if _FUSED_NORM_ACT.get("static") is None:
+        _fused_norm_act_fn()
+        if _FUSED_NORM_ACT["backend"] == "inductor":
+            _FUSED_NORM_ACT["static"] = torch.compile(group_norm_silu_eager, dynamic=False)
+    return _FUSED_NORM_ACT.get("static") or _FUSED_NORM_ACT["fn"]
+
+
 def _fused_fallback(reason: str) -> None:
     """From now on the 'fused' GroupNorm+SiLU runs the eager ops; warn once with the reason."""
     warnings.warn(f"fused GroupNorm+SiLU: {reason}; running the unfused eager ops instead")
-    _FUSED_NORM_ACT.update(fn=group_norm_silu_eager, backend="eager-fallback")
+    _FUSED_NORM_ACT.update(fn=group_norm_silu_eager, backend="eager-fallback", static=group_norm_silu_eager)
 
 
-NORM_ACT_KERNELS = ("compile", "triton")
+NORM_ACT_KERNELS = ("compile", "compile_static", "triton")
 
 
 def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool | str = False, scale: Tensor | None = None,
              shift: Tensor | None = None) -> Tensor:
     """silu(norm(x) [* (1 + scale) + shift]), as one fused kernel when ``fused``: "compile" (or True) for
-    torch.compile's generated kernel, "triton" for the hand-written one (``bench_core.nets.triton_norm``)."""
+    torch.compile's generated kernel (one for every shape), "compile_static" for one specialised to each shape and
+    layout, "triton" for the hand-written one (``bench_core.nets.triton_norm``)."""
     if fused == "triton" and not (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, norm.weight, norm.bias, scale, shift))):
         from bench_core.nets.triton_norm import group_norm_silu  # noqa: PLC0415 - lazy: imports Triton, only when asked for
@@ -69,7 +82,8 @@ def norm_act(norm: nn.GroupNorm, x: Tensor, fused: bool | str = False, scale: Te
         return group_norm_silu_eager(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
     if fused:
         try:
-            return _fused_norm_act_fn()(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
+            fn = _static_norm_act_fn() if fused == "compile_static" else _fused_norm_act_fn()
+            return fn(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift)
         except Exception as e:  # noqa: BLE001 - a compile failure at the first call: fall back, loudly
             if _FUSED_NORM_ACT["backend"] != "inductor":
                 raise

@@ -420,7 +420,8 @@ class UNet(nn.Module):
 
     def set_fused_norm_act(self, on: bool | str = True) -> "UNet":
         """Run every GroupNorm followed by SiLU as one fused kernel (weights unchanged): ``True`` or
-        "compile" for torch.compile's, "triton" for the hand-written Triton kernel; ``False`` unfused."""
+        "compile" for torch.compile's, "compile_static" for torch.compile's specialised to each shape and layout,
+        "triton" for the hand-written Triton kernel; ``False`` unfused."""
         if on is True:
             on = "compile"
         if on not in (False, None, *NORM_ACT_KERNELS):
