@@ -135,12 +135,15 @@ class EMA:
             self.shadow[k].copy_(v)
 
 
+MULTI_TENSOR_DEVICES = ("cpu", "cuda")  # devices with fused Adam and multi-tensor (foreach) gradient clipping
+
+
 def _adam(params: list, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """Adam with the config's settings; the fused kernel where torch has one for the device (one pass over all
     parameters per step; on CPU a training step of the digits U-Net is ~10 % faster), the per-tensor loop
     elsewhere.  The update is Adam's either way (the two agree to float rounding)."""
     kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params):
+    if device.type in MULTI_TENSOR_DEVICES and all(p.is_floating_point() for p in params):
         try:
             return torch.optim.Adam(params, fused=True, **kw)
         except (RuntimeError, TypeError):  # a build or dtype without the fused kernel
@@ -211,7 +214,6 @@ def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _adam(params, cfg, device)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    multi_tensor = device.type in ("cpu", "cuda")
 
     batch_gen = torch.Generator().manual_seed(cfg.seed)
     loss_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -257,7 +259,7 @@ def train(model: nn.Module, loss_fn: Callable, data, cfg: TrainConfig, *, labels
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=multi_tensor)
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=device.type in MULTI_TENSOR_DEVICES)
             opt.step()
             if ema is not None:
                 ema.update(model)

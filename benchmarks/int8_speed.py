@@ -52,13 +52,14 @@ from bench_core.measure import PeakMemory, time_fn
 from bench_core.nets.unet import UNet, count_parameters
 from bench_core.schedules import alphas_cumprod, linear_betas
 from bench_core.train import CheckpointCache, default_cache_dir
+from reproductions.qdiffusion import SPEED_VARIANTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed_ablation import SIGMA_CALL, Writer, log  # noqa: E402 - the sibling script's record writer
 
 SUITE = "int8-speed"
 KIND = "int8-speed"
-VARIANTS = ("fp32", "fp32-fusednorm", "sim-w8a8", "int8-w8a8", "int8-w8a8-fusednorm", "int8-w4a8")
+VARIANTS = SPEED_VARIANTS  # (the order of the table's rows, shared with the qdiffusion reproduction)
 LABELS = {"fp32": "FP32", "fp32-fusednorm": "FP32 + compiled GroupNorm/SiLU", "sim-w8a8": "W8A8 simulated",
           "int8-w8a8": "W8A8 int8", "int8-w8a8-fusednorm": "W8A8 int8 + compiled GroupNorm/SiLU",
           "int8-w4a8": "W4A8 int8"}
@@ -118,9 +119,10 @@ def fused_norm_variants(variants: dict) -> dict:
     out = {}
     for v, src in (("fp32-fusednorm", "fp32"), ("int8-w8a8-fusednorm", "int8-w8a8")):
         den = copy.deepcopy(variants[src]["den"])
-        den.model.set_fused_norm_act("compile_static")
         if src.startswith("int8"):
-            den.model.int8_fused_norm = True
+            Q.fuse_norm_act(den.model)
+        else:
+            den.model.set_fused_norm_act("compile_static")
         out[v] = {**variants[src], "den": den}
     return out
 

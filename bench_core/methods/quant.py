@@ -1005,10 +1005,19 @@ def to_int8(qnet: nn.Module, backend: str | None = None, fused_norm: bool = Fals
     for n, m in quant_layers(out):
         _set_module(out, n, layer(m))
     out.int8_backend = backend
-    out.int8_fused_norm = bool(fused_norm and hasattr(out, "set_fused_norm_act"))
-    if out.int8_fused_norm:
-        out.set_fused_norm_act("compile_static")
+    out.int8_fused_norm = False
+    if fused_norm:
+        fuse_norm_act(out)
     return out
+
+
+def fuse_norm_act(inet: nn.Module) -> bool:
+    """Run an int8 network's GroupNorm + SiLU as one compiled kernel per shape (``norm_act`` "compile_static"), in
+    place; its ``int8_fused_norm`` says whether that happened (False for a network without the switch)."""
+    inet.int8_fused_norm = hasattr(inet, "set_fused_norm_act")
+    if inet.int8_fused_norm:
+        inet.set_fused_norm_act("compile_static")
+    return inet.int8_fused_norm
 
 
 def executed_weight_bytes(net: nn.Module) -> int:
