@@ -158,6 +158,24 @@ def test_ldm_claims_from_records():
     st = {c.id: c.check(broken) for c in ldm.claims()}
     assert st["ldm-pixel-baseline-works"].status == "fail"
     assert st["ldm-latent-faster"].status == "not run" and "broken side" in st["ldm-latent-faster"].why
+    # the pixel model undertrained at f = 4's compute (recall ~0) but drawing digits at 4x that budget: the design
+    # works, so the equal-compute comparison runs (and passes: the latent model wins at equal compute)
+    big = broken[broken["model"] == "pixel"].copy()
+    big["model"] = "pixel-4x"
+    big["recall"] = [0.45, 0.5, 0.55, 0.5, 0.48, 0.52]
+    big["fid"] = big["fid"] - 10.0
+    big["metrics"] = [{**m, "train_flops": 4 * 1.2e12} for m in big["metrics"]]
+    st = {c.id: c.check(pd.concat([broken, big], ignore_index=True)) for c in ldm.claims()}
+    assert st["ldm-pixel-baseline-works"].status == "pass" and "pixel-4x (4.0x" in st["ldm-pixel-baseline-works"].ours
+    assert st["ldm-latent-faster"].status == "pass" and "1.20 TFLOP (pixel)" in st["ldm-latent-faster"].ours
+    assert st["ldm-intermediate-f-best"].status == "pass"  # the sweep reads the equal-compute pixel model only
+    t = ldm.tables(pd.concat([broken, big], ignore_index=True))
+    (tab,) = t.values()
+    assert sorted(tab.loc[tab["f"] == 1, "compute_x"]) == ["1.00", "4.00"]
+    # ... and broken at 4x as well: the sanity check fails, the comparison is not run
+    big["recall"] = [0.004, 0.003, 0.005, 0.004, 0.002, 0.006]
+    st = {c.id: c.check(pd.concat([broken, big], ignore_index=True)) for c in ldm.claims()}
+    assert st["ldm-pixel-baseline-works"].status == "fail" and st["ldm-latent-faster"].status == "not run"
     # inside the noise: f = 4 vs pixel, f = 4 vs f = 2 -> inconclusive
     st = status(_ldm_df({1: 8.3, 2: 8.2, 4: 8.0, 8: 8.4, 16: 8.5}, sps, rfid, noise=3.0))
     assert st["ldm-latent-faster"] == "inconclusive" and st["ldm-intermediate-f-best"] == "inconclusive"
@@ -182,12 +200,22 @@ def test_pixel_preset_has_the_f4_training_compute():
     """Equal compute: the pixel model's training FLOPs match f = 4's (autoencoder + diffusion) within 2%, and the
     FLOP counter agrees with a hand count for one convolution."""
     import reproductions
-    from reproductions.ldm import forward_flops, train_flops
+    from reproductions.ldm import PIXEL_COMPUTE, forward_flops, train_flops
 
     ldm = reproductions.get("ldm")
     pix, f4 = train_flops(ldm.model_config("pixel", {})), train_flops(ldm.model_config("f4", {}))
     assert pix["ae_flops"] == 0 and f4["ae_flops"] > 0
     assert abs(pix["train_flops"] - f4["train_flops"]) < 0.02 * f4["train_flops"]
+    # the larger pixel budget: PIXEL_COMPUTE x f = 4's, the same network
+    big = train_flops(ldm.model_config(f"pixel-{PIXEL_COMPUTE}x", {}))
+    assert abs(big["train_flops"] - PIXEL_COMPUTE * f4["train_flops"]) < 0.02 * PIXEL_COMPUTE * f4["train_flops"]
+    assert ldm.model_config(f"pixel-{PIXEL_COMPUTE}x", {}).diffusion.unet == ldm.model_config("pixel", {}).diffusion.unet
+    # every GroupNorm group of the pixel U-Net holds at least 2 channels (one channel per group is an instance norm)
+    from bench_core.nets.unet import UNet
+
+    groups = [m for m in UNet(ldm.model_config("pixel", {}).diffusion.unet).modules()
+              if isinstance(m, torch.nn.GroupNorm)]
+    assert groups and min(m.num_channels // m.num_groups for m in groups) >= 2
     conv = torch.nn.Conv2d(3, 5, 3, padding=1, bias=False)
     assert forward_flops(conv, torch.zeros(1, 3, 8, 8)) == 2 * 5 * 3 * 9 * 64
     # the pixel U-Net reaches 4x4 (it sees the whole 32x32 image); the latent U-Nets are sized for their latents
