@@ -355,7 +355,8 @@ def _ldm_records(df):
 
 
 def ldm_table(df) -> pd.DataFrame:
-    """One row per (f, sampler, steps): FID values over seeds (mean and 95% interval), rFID, throughput, compute."""
+    """One row per (f, model, sampler, steps) -- the pixel model once per training budget: FID values over seeds
+    (mean and 95% interval), rFID, throughput, training compute (``compute_x``: FLOPs / f = 4's)."""
     cols = ["model", "f", "latent_shape", "sampler", "steps", "nfe", "fid", "fid_lo", "fid_hi", "fid_values", "rfid",
             "precision", "recall", "samples_per_sec", "train_tflops", "compute_x", "equal_compute", "train_cost_sec"]
     d = _ldm_records(df)
